@@ -1,0 +1,152 @@
+"""The `dseh` command line: one subcommand per pipeline step (what dvc.yaml runs), plus search and
+the generator of dvc.yaml. Every command takes `--params` and repeatable `-S/--set key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dseh.errors import DsehError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params key, e.g. -S labnet.epochs=[5,3] (repeatable)",
+    )
+    p.add_argument("--root", default="outputs", help="root of the default output layout (default: outputs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dseh", description="Deep Joint Semantic-Embedding Hashing pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build the prepared dataset from data.source")
+    _common(p)
+    p.add_argument("--out", help="output directory (default: ROOT/data)")
+
+    p = sub.add_parser("train-labnet", help="LabNet phase of one round")
+    _common(p)
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--data")
+    p.add_argument("--out")
+    p.add_argument("--prev-labnet", help="LabNet output of the previous round (default from the layout)")
+    p.add_argument("--prev-imgnet", help="ImgNet output of the previous round (default from the layout)")
+
+    p = sub.add_parser("train-imgnet", help="ImgNet phase of one round")
+    _common(p)
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--data")
+    p.add_argument("--labnet", help="LabNet output of this round (default from the layout)")
+    p.add_argument("--prev-imgnet", help="ImgNet output of the previous round (default from the layout)")
+    p.add_argument("--out")
+
+    p = sub.add_parser("evaluate", help="metrics, plots and the HTML report of the last round")
+    _common(p)
+    p.add_argument("--data")
+    p.add_argument("--labnet")
+    p.add_argument("--imgnet")
+    p.add_argument("--out")
+
+    p = sub.add_parser("search", help="top-k database items for query image files")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", default="outputs/imgnet/round0", help="an ImgNet step output directory")
+    p.add_argument("--data", default="outputs/data", help="the prepared dataset the model was trained on")
+    p.add_argument("--weights", help="CNN-F .mat to rebuild the backbone, if it moved")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml for the rounds in params (stage contracts from dseh.stages)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("-o", "--output", default="dvc.yaml")
+    p.add_argument("--check", action="store_true", help="fail if the file differs from what would be written")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dseh import stages
+    from dseh.config import load_config
+
+    if args.command == "dvc-yaml":
+        from dseh.dvcfile import render
+
+        cfg = load_config(args.params)
+        text = render(cfg)
+        out = Path(args.output)
+        if args.check:
+            if not out.is_file() or out.read_text() != text:
+                raise DsehError(f"{out} is out of date with {args.params}: run `dseh dvc-yaml`")
+            return 0
+        out.write_text(text)
+        print(f"wrote {out} ({cfg.train.rounds} rounds)")
+        return 0
+    if args.command == "search":
+        from dseh.search import search
+
+        results = search(args.model, args.data, args.images, args.k, args.weights)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for res in results:
+                print(f"{res['image']}:")
+                print(f"  {'rank':>4} {'index':>7} {'dist':>4}  labels  path")
+                for r in res["results"]:
+                    print(
+                        f"  {r['rank']:>4} {r['index']:>7} {r['distance']:>4}  {','.join(r['labels']) or '-'}  {r['path'] or ''}"
+                    )
+        return 0
+
+    cfg = load_config(args.params, args.overrides)
+    lay = stages.Layout(Path(args.root))
+    progress = not args.quiet
+    if args.command == "prepare":
+        stages.prepare(cfg, args.out or lay.data, progress)
+    elif args.command == "train-labnet":
+        r = args.round
+        prev_l = args.prev_labnet or (lay.labnet(r - 1) if r > 0 else None)
+        prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
+        stages.train_labnet(cfg, args.data or lay.data, r, args.out or lay.labnet(r), prev_l, prev_i, progress)
+    elif args.command == "train-imgnet":
+        r = args.round
+        prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
+        stages.train_imgnet(
+            cfg, args.data or lay.data, r, args.labnet or lay.labnet(r), args.out or lay.imgnet(r), prev_i, progress
+        )
+    elif args.command == "evaluate":
+        last = cfg.train.rounds - 1
+        metrics = stages.evaluate(
+            cfg,
+            args.data or lay.data,
+            args.labnet or lay.labnet(last),
+            args.imgnet or lay.imgnet(last),
+            args.out or lay.eval,
+            progress,
+        )
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("faiss", "faiss.loader", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    except DsehError as exc:
+        print(f"dseh: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dseh: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,315 @@
+"""Typed configuration: params.yaml -> frozen dataclasses, with `key.sub=value` overrides.
+
+Unknown keys and wrong types fail loudly, naming the key; the resolved config is what every
+stage writes beside its outputs and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dseh.errors import DsehError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images and labels come from and how `prepare` turns them into arrays."""
+
+    source: str = "digits-mosaic"  # digits-mosaic | list-files | hdf5
+    image_root: str = ""  # folder or s3://bucket/prefix holding the images (list-files, hdf5)
+    list_dir: str = ""  # folder or s3:// prefix holding the list files (list-files)
+    train_list: str = "train.txt"
+    query_list: str = "test.txt"
+    database_list: str = "database.txt"
+    img_h5: str = ""  # Img.h5 of the DSEH release (hdf5)
+    lab_h5: str = ""  # Lab.h5 of the DSEH release (hdf5)
+    image_size: int = 32
+    n_database: int = 10000  # digits-mosaic sizes
+    n_train: int = 5000
+    n_query: int = 1000
+    skip_bad_images: bool = False
+    chunk_size: int = 512
+    workers: int = 4  # threads decoding images
+    s3_timeout_s: float = 10.0
+    s3_retries: int = 3
+
+
+@dataclass(frozen=True)
+class LabNetConfig:
+    """LabNet (dseh.md section 1, 2, 3); release values by default, paper variants as options."""
+
+    hidden: int = 2048  # paper 4096
+    lrn: bool = True  # paper: off
+    batch_size: int = 32
+    epochs: tuple[int, ...] = (5,)  # per round; the last value repeats
+    lr_exp: float = 3.0  # lr = 10^-(lr_exp + step_exp * (floor(epoch / step_epochs) + round))
+    gamma_pf: float = 1.0  # J1 semantic
+    gamma_ph: float = 1.0  # J2 Hamming
+    beta: float = 0.01  # J3 quantisation
+    gamma_hl: float = 1.0  # J4 label
+    sim_scale: float = 0.999  # s_f = s_h
+    logit_scale: float = 0.5  # paper: 1.0
+    quant_reduction: str = "mean"  # mean | sum (paper: beta 0.005 on a sum)
+    label_head: str = "sigmoid"  # sigmoid | linear (paper: linear least squares)
+
+
+@dataclass(frozen=True)
+class ImgNetConfig:
+    """ImgNet (dseh.md section 1, 2, 3)."""
+
+    backbone: str = "small"  # small | cnnf | alexnet | vgg16 | resnet50
+    weights: str = ""  # local path to pretrained weights (.mat for cnnf, .pth otherwise)
+    batch_size: int = 128
+    epochs: tuple[int, ...] = (10,)  # per round; the last value repeats
+    lr_exp: float = 4.0  # NUS-WIDE 4.0, COCO 3.5, ImageNet 4.5
+    backbone_lr_mult: float = 0.1  # applied to pretrained backbone layers only
+    gamma_if: float = 1.0  # L_f semantic supervision
+    eta: float = 1.0  # L_h code supervision
+    sim_scale: float = 0.999  # s_i
+    logit_scale: float = 0.5
+    code_scale: float = 10.0  # paper: 1.0
+    code_target: float = 0.999  # paper: 1.0
+    hash_from: str = "pre_relu"  # pre_relu (release) | post_relu (paper)
+    dropout: float = 0.5
+    flip: bool = True
+    encode_batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What both training phases share: rounds, optimiser, schedule, device."""
+
+    rounds: int = 1
+    optimizer: str = "adam"  # adam | sgd (paper)
+    momentum: float = 0.9  # sgd only
+    step_epochs: int = 10
+    step_exp: float = 0.5
+    clip_value: float = 1.0  # gradients clipped by value to [-clip, clip]; 0 disables
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    loader_workers: int = 2  # threads gathering batches from the memory-mapped images
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Retrieval evaluation (evaluation.md)."""
+
+    topk: int = 1000  # the protocol's mAP@K: NUS-WIDE/COCO 5000, ImageNet 1000
+    precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
+    radius: int = 2  # hash-lookup precision within this Hamming radius (d <= radius)
+    heatmap_items: int = 100
+    query_chunk: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration."""
+
+    seed: int = 0
+    bits: int = 32
+    data: DataConfig = field(default_factory=DataConfig)
+    labnet: LabNetConfig = field(default_factory=LabNetConfig)
+    imgnet: ImgNetConfig = field(default_factory=ImgNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+_CHOICES = {
+    "data.source": ("digits-mosaic", "list-files", "hdf5"),
+    "labnet.quant_reduction": ("mean", "sum"),
+    "labnet.label_head": ("sigmoid", "linear"),
+    "imgnet.backbone": ("small", "cnnf", "alexnet", "vgg16", "resnet50"),
+    "imgnet.hash_from": ("pre_relu", "post_relu"),
+    "train.optimizer": ("adam", "sgd"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    bad = DsehError(f"params key '{key}': expected {_type_name(tp)}, got {value!r}")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (inner,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise bad
+        return tuple(_coerce(key, inner, v) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DsehError(f"params section '{where}': expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise DsehError(f"unknown params key '{prefix}{unknown[0]}'; valid keys of {where}: {', '.join(names)}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw[name], key + ".")
+        else:
+            values[name] = _coerce(key, tp, raw[name])
+            if key in _CHOICES and values[name] not in _CHOICES[key]:
+                raise DsehError(f"params key '{key}': {values[name]!r} is not one of {', '.join(_CHOICES[key])}")
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`labnet.epochs=[5,3]` -> (['labnet', 'epochs'], [5, 3]); the value is parsed as YAML,
+    the same syntax as `dvc exp run -S`."""
+    if "=" not in text:
+        raise DsehError(f"override '{text}' is not of the form key.sub=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise DsehError(f"override '{text}' has an empty key part")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise DsehError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw params dict with each `key.sub=value` applied."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise DsehError(f"override '{text}': '{part}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from a params mapping plus overrides."""
+    cfg = _build(Config, apply_overrides(raw or {}, overrides or []), "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (a missing file means all defaults) and apply overrides."""
+    p = Path(path)
+    raw: dict = {}
+    if p.exists():
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DsehError(f"{p}: not valid YAML ({exc})") from exc
+    elif str(path) != "params.yaml":
+        raise DsehError(f"params file {p} does not exist")
+    return from_dict(raw, overrides)
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        (cfg.bits >= 1 and cfg.bits <= 4096, "bits", "must be between 1 and 4096"),
+        (cfg.train.rounds >= 1, "train.rounds", "must be at least 1"),
+        (cfg.labnet.batch_size >= 1, "labnet.batch_size", "must be positive"),
+        (cfg.imgnet.batch_size >= 1, "imgnet.batch_size", "must be positive"),
+        (min(cfg.labnet.epochs) >= 0, "labnet.epochs", "must not be negative"),
+        (min(cfg.imgnet.epochs) >= 0, "imgnet.epochs", "must not be negative"),
+        (cfg.data.image_size >= 8, "data.image_size", "must be at least 8"),
+        (cfg.data.chunk_size >= 1, "data.chunk_size", "must be positive"),
+        (cfg.evaluate.topk >= 1, "evaluate.topk", "must be positive"),
+        (cfg.train.step_epochs >= 1, "train.step_epochs", "must be positive"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise DsehError(f"params key '{key}' {why}")
+
+
+def epochs_for_round(epochs: tuple[int, ...], round_index: int) -> int:
+    """Epochs of a phase in round r: the r-th entry, the last one repeating."""
+    return epochs[min(round_index, len(epochs) - 1)]
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain YAML-able data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def section_keys(cfg_cls: type = Config, prefix: str = "") -> list[str]:
+    """Every leaf key (`labnet.epochs`, ...) of the config, in declaration order."""
+    keys = []
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += section_keys(tp, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvaluateConfig",
+    "ImgNetConfig",
+    "LabNetConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "dump_config",
+    "epochs_for_round",
+    "from_dict",
+    "load_config",
+    "section_keys",
+    "to_dict",
+]

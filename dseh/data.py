@@ -1,0 +1,425 @@
+"""Data sources (built-in digits-mosaic, DeepHash list files, the DSEH release's HDF5 pair) and the
+prepared dataset: one memory-mapped uint8 image array, labels, split indices and a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dseh import storage
+from dseh.config import DataConfig
+from dseh.errors import DsehError, MissingObject
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "query", "database")
+FILES = {
+    "images": "images.npy",
+    "labels": "labels.npy",
+    "train": "train.npy",
+    "query": "query.npy",
+    "database": "database.npy",
+    "classes": "classes.json",
+    "paths": "paths.json",
+}
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Source:
+    """What a source yields before decoding: item paths (or None), labels, classes and splits."""
+
+    name: str
+    labels: np.ndarray  # (N, c) uint8
+    classes: list[str]
+    splits: dict[str, np.ndarray]  # split -> item indices
+    paths: list[str] | None  # per item, relative to the image root; None for built-in data
+    load_chunk: Callable[[np.ndarray], tuple[np.ndarray, list[int]]]
+    # load_chunk(indices) -> (uint8 images (n, H, W, 3), positions within the chunk that failed)
+    describe: dict
+
+
+# --------------------------------------------------------------------------- digits-mosaic
+
+
+def digits_mosaic(cfg: DataConfig, seed: int) -> Source:
+    """2x2 mosaics of scikit-learn's 8x8 digits; label = the set of digits present.
+
+    Source digits are split disjointly by seed (a third for query mosaics, the rest for
+    train/database), so no digit image is shared between query and database.
+    """
+    from sklearn.datasets import load_digits
+
+    if cfg.image_size % 16:
+        raise DsehError(f"params key 'data.image_size': digits-mosaic needs a multiple of 16, got {cfg.image_size}")
+    if not 0 < cfg.n_train <= cfg.n_database or cfg.n_query < 1:
+        raise DsehError(
+            "params keys 'data.n_train/n_database/n_query': need 0 < n_train <= n_database "
+            f"and n_query >= 1, got {cfg.n_train}/{cfg.n_database}/{cfg.n_query}"
+        )
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    targets = digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(pixels))
+    n_q_src = len(pixels) // 3
+    q_src, db_src = perm[:n_q_src], perm[n_q_src:]
+
+    def mosaics(n: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        present = rng.random((n, 4)) < 0.5
+        empty = ~present.any(axis=1)
+        present[np.flatnonzero(empty), rng.integers(0, 4, size=int(empty.sum()))] = True
+        chosen = pool[rng.integers(0, len(pool), size=(n, 4))]
+        cells = pixels[chosen] * present[:, :, None, None]  # (n, 4, 8, 8)
+        top = np.concatenate([cells[:, 0], cells[:, 1]], axis=2)
+        bottom = np.concatenate([cells[:, 2], cells[:, 3]], axis=2)
+        gray = np.concatenate([top, bottom], axis=1)  # (n, 16, 16)
+        labels = np.zeros((n, 10), dtype=np.uint8)
+        rows = np.repeat(np.arange(n), 4)
+        keep = present.ravel()
+        labels[rows[keep], targets[chosen].ravel()[keep]] = 1
+        return gray, labels, chosen
+
+    q_gray, q_lab, _ = mosaics(cfg.n_query, q_src)
+    db_gray, db_lab, _ = mosaics(cfg.n_database, db_src)
+    gray = np.concatenate([q_gray, db_gray])
+    labels = np.concatenate([q_lab, db_lab])
+    scale = cfg.image_size // 16
+
+    query = np.arange(cfg.n_query)
+    database = cfg.n_query + rng.permutation(cfg.n_database)
+    train = database[: cfg.n_train].copy()
+
+    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        img = gray[idx].repeat(scale, axis=1).repeat(scale, axis=2)
+        return np.repeat(img[..., None], 3, axis=3), []
+
+    return Source(
+        name="digits-mosaic",
+        labels=labels,
+        classes=[str(d) for d in range(10)],
+        splits={"train": train, "query": query, "database": database},
+        paths=None,
+        load_chunk=load_chunk,
+        describe={
+            "source": "digits-mosaic",
+            "query_source_digits": sorted(int(i) for i in q_src),
+            "database_source_digits": sorted(int(i) for i in db_src),
+        },
+    )
+
+
+# --------------------------------------------------------------------------- file sources
+
+
+def parse_list_file(text: str, name: str) -> tuple[list[str], np.ndarray]:
+    """DeepHash list format: `relative/path.jpg 0 1 0 ...` per line -> (paths, labels uint8)."""
+    paths: list[str] = []
+    rows: list[list[int]] = []
+    width = None
+    first_line = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        path, values = parts[0], parts[1:]
+        try:
+            row = [int(v) for v in values]
+        except ValueError as exc:
+            raise DsehError(f"{name}:{lineno}: labels must be 0 or 1, got '{line.strip()}'") from exc
+        if any(v not in (0, 1) for v in row):
+            raise DsehError(f"{name}:{lineno}: labels must be 0 or 1, got '{line.strip()}'")
+        if width is None:
+            width, first_line = len(row), lineno
+        elif len(row) != width:
+            raise DsehError(f"{name}:{lineno}: {len(row)} labels, but line {first_line} has {width}")
+        storage.join("root", path)  # rejects absolute and escaping paths early, naming them
+        paths.append(path)
+        rows.append(row)
+    if not paths:
+        raise DsehError(f"{name}: no items (the split is empty)")
+    if width == 0:
+        raise DsehError(f"{name}: lines carry no labels")
+    return paths, np.asarray(rows, dtype=np.uint8)
+
+
+def _merge_splits(
+    parts: dict[str, tuple[list[str], np.ndarray]], sources: dict[str, str]
+) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Union of the splits' items, deduplicated by path; splits become index arrays."""
+    widths = {split: lab.shape[1] for split, (_, lab) in parts.items()}
+    if len(set(widths.values())) > 1:
+        desc = ", ".join(f"{sources[s]} has {w}" for s, w in widths.items())
+        raise DsehError(f"label width differs between splits: {desc}")
+    index: dict[str, int] = {}
+    paths: list[str] = []
+    label_rows: list[np.ndarray] = []
+    splits: dict[str, np.ndarray] = {}
+    for split, (p_list, labels) in parts.items():
+        ids = np.empty(len(p_list), dtype=np.int64)
+        for j, (p, lab) in enumerate(zip(p_list, labels)):
+            key = posixpath.normpath(p)
+            i = index.get(key)
+            if i is None:
+                i = index[key] = len(paths)
+                paths.append(p)
+                label_rows.append(lab)
+            elif not np.array_equal(label_rows[i], lab):
+                raise DsehError(f"{sources[split]}: '{p}' appears with different labels elsewhere")
+            ids[j] = i
+        splits[split] = ids
+    return paths, np.stack(label_rows), splits
+
+
+def _decode(data: bytes, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _file_loader(cfg: DataConfig, paths: Sequence[str]) -> Callable:
+    pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers))
+
+    def load_one(i: int) -> np.ndarray | None:
+        uri = storage.join(cfg.image_root, paths[i])
+        try:
+            data = storage.read_bytes(uri, cfg.s3_timeout_s, cfg.s3_retries)
+        except MissingObject:
+            return None
+        try:
+            return _decode(data, cfg.image_size)
+        except Exception:  # noqa: BLE001 - Pillow raises many types for corrupt files
+            return None
+
+    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        out = np.zeros((len(idx), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+        bad = []
+        for pos, img in enumerate(pool.map(load_one, idx.tolist())):
+            if img is None:
+                bad.append(pos)
+            else:
+                out[pos] = img
+        return out, bad
+
+    return load_chunk
+
+
+def list_files(cfg: DataConfig, seed: int) -> Source:
+    """DeepHash list files (train.txt, test.txt = query, database.txt) and an image root."""
+    if not cfg.image_root:
+        raise DsehError("params key 'data.image_root' must be set for data.source=list-files")
+    files = {"train": cfg.train_list, "query": cfg.query_list, "database": cfg.database_list}
+    sources, parts = {}, {}
+    for split, name in files.items():
+        uri = storage.join(cfg.list_dir, name) if cfg.list_dir else name
+        sources[split] = uri
+        parts[split] = parse_list_file(storage.read_text(uri, cfg.s3_timeout_s, cfg.s3_retries), uri)
+    paths, labels, splits = _merge_splits(parts, sources)
+    splits["database"] = splits["database"][np.random.default_rng(seed).permutation(len(splits["database"]))]
+    return Source(
+        name="list-files",
+        labels=labels,
+        classes=[str(i) for i in range(labels.shape[1])],
+        splits=splits,
+        paths=paths,
+        load_chunk=_file_loader(cfg, paths),
+        describe={"source": "list-files", "lists": sources, "image_root": cfg.image_root},
+    )
+
+
+def hdf5_pair(cfg: DataConfig, seed: int) -> Source:
+    """The DSEH release's Img.h5 (ImgTrain/ImgQuery/ImgDataBase paths) and Lab.h5 (labels).
+
+    As in the release, the retrieval set is the training set plus the database.
+    """
+    import h5py
+
+    if not cfg.img_h5 or not cfg.lab_h5 or not cfg.image_root:
+        raise DsehError(
+            "params keys 'data.img_h5', 'data.lab_h5' and 'data.image_root' must be set for data.source=hdf5"
+        )
+    names = {"train": "Train", "query": "Query", "database": "DataBase"}
+    parts, sources = {}, {}
+    with (
+        storage.local_copy(cfg.img_h5, cfg.s3_timeout_s, cfg.s3_retries) as img_path,
+        storage.local_copy(cfg.lab_h5, cfg.s3_timeout_s, cfg.s3_retries) as lab_path,
+    ):
+        try:
+            with h5py.File(img_path, "r") as fi, h5py.File(lab_path, "r") as fl:
+                for split, suffix in names.items():
+                    for f, key, uri in ((fi, "Img" + suffix, cfg.img_h5), (fl, "Lab" + suffix, cfg.lab_h5)):
+                        if key not in f:
+                            raise DsehError(f"{uri}: dataset '{key}' is missing")
+                    raw = fi["Img" + suffix][()]
+                    labels = np.asarray(fl["Lab" + suffix][()])
+                    paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in raw.ravel()]
+                    if labels.ndim != 2 or labels.shape[0] != len(paths):
+                        raise DsehError(
+                            f"{cfg.lab_h5}: Lab{suffix} has shape {labels.shape}, "
+                            f"expected ({len(paths)}, classes) to match Img{suffix}"
+                        )
+                    if len(paths) == 0:
+                        raise DsehError(f"{cfg.img_h5}: Img{suffix} is empty")
+                    if not np.isin(labels, (0, 1)).all():
+                        raise DsehError(f"{cfg.lab_h5}: Lab{suffix} holds values other than 0 and 1")
+                    for p in paths:
+                        storage.join(cfg.image_root, p)
+                    parts[split] = (paths, labels.astype(np.uint8))
+                    sources[split] = f"{cfg.img_h5}:Img{suffix}"
+        except OSError as exc:
+            raise DsehError(f"cannot read HDF5 pair {cfg.img_h5} / {cfg.lab_h5}: {exc}") from exc
+    paths, labels, splits = _merge_splits(parts, sources)
+    retrieval = np.unique(np.concatenate([splits["train"], splits["database"]]))
+    splits["database"] = retrieval[np.random.default_rng(seed).permutation(len(retrieval))]
+    return Source(
+        name="hdf5",
+        labels=labels,
+        classes=[str(i) for i in range(labels.shape[1])],
+        splits=splits,
+        paths=paths,
+        load_chunk=_file_loader(cfg, paths),
+        describe={"source": "hdf5", "img_h5": cfg.img_h5, "lab_h5": cfg.lab_h5, "image_root": cfg.image_root},
+    )
+
+
+SOURCES = {"digits-mosaic": digits_mosaic, "list-files": list_files, "hdf5": hdf5_pair}
+
+
+def open_source(cfg: DataConfig, seed: int) -> Source:
+    if cfg.source not in SOURCES:
+        raise DsehError(f"unknown data.source '{cfg.source}'; choose one of {', '.join(SOURCES)}")
+    return SOURCES[cfg.source](cfg, seed)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_prepared(src: Source, cfg: DataConfig, seed: int, out: Path, progress: bool = True) -> dict:
+    """Stream the source's images into `out/images.npy` chunk by chunk (bounded memory) and
+    write labels, splits, classes and the manifest. `out` is a fresh temporary directory."""
+    from tqdm import tqdm
+
+    n = len(src.labels)
+    size = cfg.image_size
+    tmp_images = out / "images.partial.npy"
+    images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    keep = np.ones(n, dtype=bool)
+    bad_paths: list[str] = []
+    for start in tqdm(range(0, n, cfg.chunk_size), desc="prepare", unit="chunk", leave=False, disable=not progress):
+        idx = np.arange(start, min(n, start + cfg.chunk_size))
+        chunk, bad = src.load_chunk(idx)
+        images[idx] = chunk
+        if bad:
+            names = [src.paths[idx[b]] if src.paths else str(idx[b]) for b in bad]
+            if not cfg.skip_bad_images:
+                shown = ", ".join(names[:5])
+                raise DsehError(
+                    f"{len(bad)} missing or unreadable image(s) under '{cfg.image_root}', first: {shown} "
+                    "(set data.skip_bad_images=true to skip and count them)"
+                )
+            keep[idx[bad]] = False
+            bad_paths += names
+    images.flush()
+    del images
+    labels, splits, paths = src.labels, dict(src.splits), src.paths
+    if not keep.all():
+        log.warning("skipped %d bad images, first: %s", len(bad_paths), ", ".join(bad_paths[:5]))
+        new_id = np.cumsum(keep) - 1
+        old = np.load(tmp_images, mmap_mode="r")
+        good = np.flatnonzero(keep)
+        final = np.lib.format.open_memmap(
+            out / FILES["images"], mode="w+", dtype=np.uint8, shape=(len(good), size, size, 3)
+        )
+        for s in range(0, len(good), cfg.chunk_size):
+            final[s : s + cfg.chunk_size] = old[good[s : s + cfg.chunk_size]]
+        final.flush()
+        del final, old
+        tmp_images.unlink()
+        labels = labels[keep]
+        splits = {k: new_id[v[keep[v]]] for k, v in splits.items()}
+        paths = [p for p, k in zip(paths or [], keep) if k] if paths else None
+    else:
+        tmp_images.rename(out / FILES["images"])
+    for split in SPLITS:
+        if len(splits[split]) == 0:
+            raise DsehError(f"split '{split}' is empty after preparing {src.name}")
+    np.save(out / FILES["labels"], labels.astype(np.uint8))
+    for split in SPLITS:
+        np.save(out / FILES[split], splits[split].astype(np.int64))
+    (out / FILES["classes"]).write_text(json.dumps(src.classes))
+    (out / FILES["paths"]).write_text(json.dumps(paths))
+    hashes = {name: sha256_file(out / name) for name in sorted(FILES.values())}
+    manifest = {
+        "source": src.describe,
+        "seed": seed,
+        "image_size": size,
+        "sizes": {
+            "items": int(len(labels)),
+            "classes": int(labels.shape[1]),
+            **{split: int(len(splits[split])) for split in SPLITS},
+        },
+        "skipped_images": len(bad_paths),
+        "skipped_examples": bad_paths[:20],
+        "files": hashes,
+        "dataset_sha256": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest(),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+class PreparedData:
+    """A prepared dataset directory, read back (images memory-mapped, never loaded whole)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        mpath = self.root / MANIFEST
+        if not mpath.is_file():
+            raise DsehError(f"{self.root} is not a prepared dataset (no {MANIFEST}); run `dseh prepare`")
+        self.manifest = json.loads(mpath.read_text())
+        self.images = np.load(self.root / FILES["images"], mmap_mode="r")
+        self.labels = np.load(self.root / FILES["labels"])
+        self.splits = {s: np.load(self.root / FILES[s]) for s in SPLITS}
+        self.classes = json.loads((self.root / FILES["classes"]).read_text())
+        self.paths = json.loads((self.root / FILES["paths"]).read_text())
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.splits["train"]
+
+    @property
+    def query(self) -> np.ndarray:
+        return self.splits["query"]
+
+    @property
+    def database(self) -> np.ndarray:
+        return self.splits["database"]
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.labels.shape[1])
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["dataset_sha256"]

@@ -1,0 +1,309 @@
+"""Hamming ranking and retrieval metrics (definitions in shared/spec/evaluation.md).
+
+- Ranking: ascending Hamming distance, ties broken by database index ascending.
+- Relevant: shares at least one label with the query.
+- AP@K = sum_{k<=K} P(k) rel(k) / sum_{k<=K} rel(k); a query with no relevant item in its top K
+  has AP 0 and stays in the mean. mAP@ALL is K = database size.
+- Tie-aware AP (He et al., CVPR 2018): the expectation of AP over orders inside tie groups.
+- PR by radius r: precision and recall of {d <= r}, averaged over queries; a query that
+  retrieves nothing has precision 0, a query with no relevant item has recall 0.
+
+Everything works in query chunks: memory stays bounded for any database size and no dense
+queries x database float matrix is built. Public functions take {-1,+1} codes; the `*_packed`
+forms take the packed uint8 rows of dseh.codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dseh.codes import pack, to_words
+
+try:  # faiss is optional: the numpy path gives the same rankings
+    import faiss  # type: ignore
+except ImportError:  # pragma: no cover - exercised where faiss is absent
+    faiss = None
+
+_CHUNK_ELEMENTS = 1 << 22  # query rows x database rows handled at once
+
+
+def _rows_per_chunk(n_db: int, requested: int | None = None) -> int:
+    rows = max(1, _CHUNK_ELEMENTS // max(1, n_db))
+    return min(rows, requested) if requested else rows
+
+
+def label_words(labels: np.ndarray) -> np.ndarray:
+    """(N, c) {0,1} labels -> (N, ceil(c/64)) uint64 bit sets, for fast 'shares a label' tests."""
+    bits = np.packbits(np.asarray(labels, dtype=bool), axis=1)
+    return to_words(bits)
+
+
+def _relevance(q_words: np.ndarray, db_words: np.ndarray) -> np.ndarray:
+    """q_words (nq, W) against db_words (nq, k, W) or (ndb, W) -> bool relevance matrix."""
+    if db_words.ndim == 2:
+        rel = (q_words[:, None, 0] & db_words[None, :, 0]) != 0
+        for w in range(1, q_words.shape[1]):
+            rel |= (q_words[:, None, w] & db_words[None, :, w]) != 0
+        return rel
+    return ((q_words[:, None, :] & db_words) != 0).any(axis=2)
+
+
+def hamming_distances_packed(q_packed: np.ndarray, db_packed: np.ndarray) -> np.ndarray:
+    """(nq, ndb) uint16 Hamming distances by XOR + popcount on uint64 words."""
+    qw, dw = to_words(q_packed), to_words(db_packed)
+    dist = np.bitwise_count(qw[:, None, 0] ^ dw[None, :, 0]).astype(np.uint16)
+    for w in range(1, qw.shape[1]):
+        dist += np.bitwise_count(qw[:, None, w] ^ dw[None, :, w])
+    return dist
+
+
+def _topk_from_dist(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by (distance, index) from a distance block."""
+    n_db = dist.shape[1]
+    if k >= n_db:
+        order = np.argsort(dist, axis=1, kind="stable")
+    else:
+        key = dist.astype(np.int64) * n_db + np.arange(n_db, dtype=np.int64)
+        part = np.argpartition(key, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(part, np.argsort(np.take_along_axis(key, part, axis=1), axis=1), axis=1)
+    return order.astype(np.int64), np.take_along_axis(dist, order, axis=1).astype(np.int32)
+
+
+def hamming_topk_packed(
+    q_packed: np.ndarray, db_packed: np.ndarray, k: int, backend: str = "auto", chunk: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k database rows for each query by Hamming distance, ties by database index.
+
+    backend: 'faiss' (IndexBinaryFlat with counting select), 'numpy', or 'auto' (faiss when
+    importable). Both give identical rankings.
+    """
+    q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
+    db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
+    n_db = len(db_packed)
+    k = min(k, n_db)
+    if backend == "auto":
+        backend = "faiss" if faiss is not None else "numpy"
+    if backend == "faiss":
+        if faiss is None:
+            raise RuntimeError("faiss is not installed; use backend='numpy'")
+        index = faiss.IndexBinaryFlat(db_packed.shape[1] * 8)
+        index.use_heap = False  # counting select: ties kept in index order
+        index.add(db_packed)
+        dist, ids = index.search(q_packed, k)
+        return ids.astype(np.int64), dist.astype(np.int32)
+    if backend != "numpy":
+        raise ValueError(f"unknown backend {backend!r}")
+    rows = _rows_per_chunk(n_db, chunk)
+    ids = np.empty((len(q_packed), k), dtype=np.int64)
+    dist = np.empty((len(q_packed), k), dtype=np.int32)
+    for s in range(0, len(q_packed), rows):
+        ids[s : s + rows], dist[s : s + rows] = _topk_from_dist(
+            hamming_distances_packed(q_packed[s : s + rows], db_packed), k
+        )
+    return ids, dist
+
+
+def hamming_topk(query_codes: np.ndarray, db_codes: np.ndarray, k: int, backend: str = "auto"):
+    """(indices, distances) of the k nearest database codes per query; codes in {-1, +1}."""
+    return hamming_topk_packed(pack(query_codes), pack(db_codes), k, backend)
+
+
+def ap_from_relevance(rel: np.ndarray) -> np.ndarray:
+    """Per-row AP of ranked relevance rows: sum_k P(k) rel(k) / sum_k rel(k) (0 without hits)."""
+    rel = np.asarray(rel, dtype=bool)
+    hits = np.cumsum(rel, axis=1, dtype=np.int64)
+    ranks = np.arange(1, rel.shape[1] + 1, dtype=np.float64)
+    total = hits[:, -1] if rel.shape[1] else np.zeros(len(rel), dtype=np.int64)
+    prec_sum = np.where(rel, hits / ranks, 0.0).sum(axis=1)
+    return np.divide(prec_sum, total, out=np.zeros(len(rel)), where=total > 0)
+
+
+def average_precisions_packed(
+    q_packed, db_packed, q_labels, db_labels, topk: int | None = None, backend: str = "auto"
+) -> np.ndarray:
+    """Per-query AP@topk (None = ALL) from packed codes."""
+    n_db = len(db_packed)
+    k = n_db if topk is None else min(topk, n_db)
+    qw, dw = label_words(q_labels), label_words(db_labels)
+    out = np.empty(len(q_packed))
+    rows = _rows_per_chunk(k)
+    for s in range(0, len(q_packed), rows):
+        if k == n_db:
+            dist = hamming_distances_packed(q_packed[s : s + rows], db_packed)
+            ids = np.argsort(dist, axis=1, kind="stable")
+        else:
+            ids, _ = hamming_topk_packed(q_packed[s : s + rows], db_packed, k, backend)
+        out[s : s + rows] = ap_from_relevance(_relevance(qw[s : s + rows], dw[ids]))
+    return out
+
+
+def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk: int | None = None) -> float:
+    """mAP@topk (None = mAP@ALL) of Hamming ranking; codes in {-1, +1}, labels in {0, 1}."""
+    return float(average_precisions_packed(pack(query_codes), pack(db_codes), query_labels, db_labels, topk).mean())
+
+
+def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: int | None = None) -> np.ndarray:
+    """Per-query APs behind mean_average_precision."""
+    return average_precisions_packed(pack(query_codes), pack(db_codes), query_labels, db_labels, topk)
+
+
+# --------------------------------------------------------------------------- one-pass report
+
+
+@dataclass
+class RetrievalReport:
+    """Everything evaluation.md asks for, from one pass over the database per query chunk."""
+
+    bits: int
+    topk: int
+    ap_all: np.ndarray  # per-query AP@ALL
+    ap_topk: np.ndarray  # per-query AP@topk
+    ap_tie_aware: np.ndarray  # per-query tie-aware AP@ALL
+    precision_at: dict[int, float]
+    recall_at: dict[int, float]
+    pr_precision: np.ndarray  # by radius 0..bits
+    pr_recall: np.ndarray
+    queries_without_relevant: int
+
+    @property
+    def map_all(self) -> float:
+        return float(self.ap_all.mean())
+
+    @property
+    def map_topk(self) -> float:
+        return float(self.ap_topk.mean())
+
+    @property
+    def map_tie_aware(self) -> float:
+        return float(self.ap_tie_aware.mean())
+
+    def precision_within(self, radius: int) -> float:
+        return float(self.pr_precision[min(radius, self.bits)])
+
+
+def _harmonic(m: np.ndarray) -> np.ndarray:
+    from scipy.special import digamma
+
+    return digamma(np.asarray(m, dtype=np.float64) + 1.0) + np.euler_gamma
+
+
+def tie_aware_ap_from_histograms(n_d: np.ndarray, r_d: np.ndarray) -> np.ndarray:
+    """Tie-aware AP (He et al. 2018) per query from counts by distance.
+
+    n_d[q, d]: database items at distance d; r_d[q, d]: relevant ones. With N_{d-1}, R_{d-1}
+    the items and relevant items closer than d, and H the harmonic numbers:
+      AP_T = 1/R sum_d (r_d / n_d) sum_{j=N_{d-1}+1}^{N_d} [R_{d-1} + 1 + (j - N_{d-1} - 1)(r_d - 1)/(n_d - 1)] / j
+    where the inner sums are H(N_d) - H(N_{d-1}) and n_d - (N_{d-1} + 1)(H(N_d) - H(N_{d-1})).
+    """
+    n_d = np.asarray(n_d, dtype=np.float64)
+    r_d = np.asarray(r_d, dtype=np.float64)
+    n_cum = np.cumsum(n_d, axis=1)
+    r_cum = np.cumsum(r_d, axis=1)
+    n_before = n_cum - n_d
+    r_before = r_cum - r_d
+    s1 = _harmonic(n_cum) - _harmonic(n_before)
+    s2 = n_d - (n_before + 1.0) * s1
+    slope = np.divide(r_d - 1.0, n_d - 1.0, out=np.zeros_like(n_d), where=n_d > 1)
+    frac = np.divide(r_d, n_d, out=np.zeros_like(n_d), where=n_d > 0)
+    contrib = frac * ((r_before + 1.0) * s1 + slope * s2)
+    total = r_cum[:, -1]
+    return np.divide(contrib.sum(axis=1), total, out=np.zeros(len(n_d)), where=total > 0)
+
+
+def retrieval_report(
+    q_packed: np.ndarray,
+    db_packed: np.ndarray,
+    q_labels: np.ndarray,
+    db_labels: np.ndarray,
+    bits: int,
+    topk: int,
+    precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
+    chunk: int | None = None,
+) -> RetrievalReport:
+    """mAP@ALL, mAP@topk, tie-aware mAP, precision/recall@N and the PR curve by radius.
+
+    For each chunk of queries: distances to the whole database (uint16), one stable counting
+    sort (distance, then index), relevance gathered in rank order; histograms by distance feed
+    the PR curve and the tie-aware AP.
+    """
+    q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
+    db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
+    n_q, n_db = len(q_packed), len(db_packed)
+    k = min(topk, n_db)
+    qw, dw = label_words(q_labels), label_words(db_labels)
+    ap_all, ap_k, ap_t = np.empty(n_q), np.empty(n_q), np.empty(n_q)
+    ns = sorted(set(int(n) for n in precision_at))
+    hits_at = np.zeros((n_q, len(ns)))
+    hist_all = np.zeros((n_q, bits + 1))
+    hist_rel = np.zeros((n_q, bits + 1))
+    rows = _rows_per_chunk(n_db, chunk)
+    for s in range(0, n_q, rows):
+        e = min(n_q, s + rows)
+        dist = hamming_distances_packed(q_packed[s:e], db_packed)
+        rel = _relevance(qw[s:e], dw)
+        order = np.argsort(dist, axis=1, kind="stable")
+        rel_ranked = np.take_along_axis(rel, order, axis=1)
+        del order
+        ap_all[s:e] = ap_from_relevance(rel_ranked)
+        ap_k[s:e] = ap_from_relevance(rel_ranked[:, :k])
+        hits = np.cumsum(rel_ranked[:, : max(ns)], axis=1)
+        for j, n in enumerate(ns):
+            hits_at[s:e, j] = hits[:, min(n, n_db) - 1]
+        m = e - s
+        flat = (np.arange(m)[:, None] * (bits + 1) + dist).ravel()
+        hist_all[s:e] = np.bincount(flat, minlength=m * (bits + 1)).reshape(m, bits + 1)
+        hist_rel[s:e] = np.bincount(flat[rel.ravel()], minlength=m * (bits + 1)).reshape(m, bits + 1)
+    ap_t[:] = tie_aware_ap_from_histograms(hist_all, hist_rel)
+    cum_all = np.cumsum(hist_all, axis=1)
+    cum_rel = np.cumsum(hist_rel, axis=1)
+    n_rel_total = cum_rel[:, -1]
+    pr_p = np.divide(cum_rel, cum_all, out=np.zeros_like(cum_all), where=cum_all > 0).mean(axis=0)
+    pr_r = np.divide(cum_rel, n_rel_total[:, None], out=np.zeros_like(cum_rel), where=n_rel_total[:, None] > 0).mean(
+        axis=0
+    )
+    precision = {n: float((hits_at[:, j] / min(n, n_db)).mean()) for j, n in enumerate(ns)}
+    recall = {
+        n: float(np.divide(hits_at[:, j], n_rel_total, out=np.zeros(n_q), where=n_rel_total > 0).mean())
+        for j, n in enumerate(ns)
+    }
+    return RetrievalReport(
+        bits=bits,
+        topk=k,
+        ap_all=ap_all,
+        ap_topk=ap_k,
+        ap_tie_aware=ap_t,
+        precision_at=precision,
+        recall_at=recall,
+        pr_precision=pr_p,
+        pr_recall=pr_r,
+        queries_without_relevant=int((n_rel_total == 0).sum()),
+    )
+
+
+def _report(query_codes, db_codes, query_labels, db_labels, topk=1000, precision_at=(1000,)):
+    q, d = np.asarray(query_codes), np.asarray(db_codes)
+    return retrieval_report(pack(q), pack(d), query_labels, db_labels, q.shape[1], topk, precision_at)
+
+
+def tie_aware_map(query_codes, db_codes, query_labels, db_labels) -> float:
+    """Tie-aware mAP@ALL; codes in {-1, +1}."""
+    return _report(query_codes, db_codes, query_labels, db_labels).map_tie_aware
+
+
+def precision_recall_at(query_codes, db_codes, query_labels, db_labels, ns) -> tuple[dict, dict]:
+    """(precision@N, recall@N) for each N in ns."""
+    r = _report(query_codes, db_codes, query_labels, db_labels, precision_at=tuple(ns))
+    return r.precision_at, r.recall_at
+
+
+def pr_curve(query_codes, db_codes, query_labels, db_labels) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) of {d <= r} for r = 0..bits, averaged over queries."""
+    r = _report(query_codes, db_codes, query_labels, db_labels)
+    return r.pr_precision, r.pr_recall
+
+
+def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radius: int = 2) -> float:
+    """Hash-lookup precision of {d <= radius} (a query retrieving nothing counts 0)."""
+    return _report(query_codes, db_codes, query_labels, db_labels).precision_within(radius)

@@ -1,0 +1,1 @@
+"""LabNet, ImgNet and the ImgNet backbones."""

@@ -1,0 +1,107 @@
+"""Figures like the paper's (PR curve, precision@top-N, semantic-feature heat maps) and one
+self-contained HTML report (figures inline as base64, no scripts, no external links).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def make_figures(rep, lab_feats: np.ndarray, img_feats: np.ndarray, out: Path) -> dict[str, Path]:
+    """Write pr_curve.png, precision_at_n.png and heatmaps.png under `out`; return their paths."""
+    plt = _plt()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(rep.pr_recall, rep.pr_precision, marker="o", ms=3)
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        title=f"PR curve by Hamming radius ({rep.bits} bits)",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+    )
+    ax.grid(alpha=0.3)
+    paths["pr_curve"] = out / "pr_curve.png"
+    fig.tight_layout()
+    fig.savefig(paths["pr_curve"], dpi=100)
+    plt.close(fig)
+
+    ns = sorted(rep.precision_at)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(ns, [rep.precision_at[n] for n in ns], marker="o", ms=3)
+    ax.set(
+        xlabel="number of top returned images",
+        ylabel="precision",
+        title=f"precision@top-N ({rep.bits} bits)",
+        ylim=(0, 1.02),
+    )
+    ax.grid(alpha=0.3)
+    paths["precision_at_n"] = out / "precision_at_n.png"
+    fig.tight_layout()
+    fig.savefig(paths["precision_at_n"], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, feats, name in ((axes[0], lab_feats, "LabNet f^l"), (axes[1], img_feats, "ImgNet f^v")):
+        im = ax.imshow(feats, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set(title=f"{name}: {len(feats)} sampled training items", xlabel="feature dimension", ylabel="item")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    paths["heatmaps"] = out / "heatmaps.png"
+    fig.tight_layout()
+    fig.savefig(paths["heatmaps"], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def write_html(path: Path, metrics: dict, figures: dict[str, Path], config: dict) -> None:
+    """One HTML file a browser or the KFP UI opens as it is."""
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            rows.append((key, f"{value:.4f}"))
+        elif isinstance(value, int):
+            rows.append((key, str(value)))
+    for key, value in metrics.get("labnet", {}).items():
+        rows.append((f"labnet.{key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    pat = metrics.get("precision_at", {})
+    ptable = "".join(
+        f"<tr><th>{html.escape(n)}</th><td>{v:.4f}</td><td>{metrics['recall_at'][n]:.4f}</td></tr>"
+        for n, v in pat.items()
+    )
+    figs = "".join(_img(p, name.replace("_", " ")) for name, p in figures.items())
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>DSEH evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
+img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
+<body><h1>DSEH retrieval evaluation</h1>
+<p>{html.escape(metrics.get("definitions", ""))}</p>
+<h2>mAP</h2><table id="map-table">{table}</table>
+<h2>Precision and recall at N</h2><table id="precision-table"><tr><th>N</th><th>precision</th><th>recall</th></tr>{ptable}</table>
+<h2>Figures</h2>{figs}
+<h2>Resolved configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
+</body></html>
+"""
+    path.write_text(doc)

@@ -1,0 +1,469 @@
+"""One function per pipeline step (prepare, train_labnet, train_imgnet, evaluate): the orchestration
+API that the CLI (dvc.yaml) and the Kubeflow components call. The only module that knows
+artifact file names.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dseh import __version__, train
+from dseh.codes import count_distinct, pack, sign
+from dseh.config import Config, dump_config, epochs_for_round, to_dict
+from dseh.data import PreparedData, open_source, write_prepared
+from dseh.errors import DsehError
+from dseh.models.backbones import create_backbone
+from dseh.models.nets import ImgNet, LabNet
+from dseh.storage import atomic_dir
+
+log = logging.getLogger(__name__)
+
+MODEL = "model.pt"
+TARGETS = "targets.npz"  # LabNet: B^l (int8 +-1) and F^l over the training items
+CODES = "codes.npy"  # ImgNet: packed codes of every prepared item (see dseh.codes)
+TRAIN_OUTPUTS = "train_outputs.npz"  # ImgNet: sign(u) and f^v over the training items
+HISTORY_CSV = "history.csv"
+HISTORY_JSON = "history.json"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+PR_CURVE = "pr_curve.csv"
+PRECISION_AT = "precision_at_n.csv"
+REPORT = "report.html"
+FIGURES = "figures"
+
+# params each stage reads: dvc.yaml declares exactly these
+STAGE_PARAMS = {
+    "prepare": ["seed", "data"],
+    "train_labnet": ["seed", "bits", "labnet", "train"],
+    "train_imgnet": ["seed", "bits", "imgnet", "train"],
+    "evaluate": ["evaluate"],
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Default locations of every step's output under one root (what dvc.yaml uses)."""
+
+    root: Path = Path("outputs")
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def labnet(self, r: int) -> Path:
+        return self.root / "labnet" / f"round{r}"
+
+    def imgnet(self, r: int) -> Path:
+        return self.root / "imgnet" / f"round{r}"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+
+def code_version() -> str:
+    """The git commit of the code when it runs from a checkout, else the package version."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        if rev.returncode == 0:
+            return rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"dseh {__version__}"
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    from dseh.data import sha256_file
+
+    return sha256_file(path) if path.is_file() else ""
+
+
+def phase_seed(seed: int, name: str, round_index: int) -> int:
+    return int(hashlib.sha256(f"{seed}/{name}/{round_index}".encode()).hexdigest()[:8], 16)
+
+
+def _checkpoint_path(out_dir: Path) -> Path:
+    # beside the output, not inside it: DVC removes a stage's outputs before it runs again
+    return out_dir.parent / f".{out_dir.name}.ckpt.pt"
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    (out / HISTORY_JSON).write_text(json.dumps(history, indent=1))
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(out / HISTORY_CSV, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def _load_model_file(path: Path, kind: str) -> dict:
+    f = path / MODEL
+    if not f.is_file():
+        raise DsehError(f"{f} does not exist: run the step that produces {path} first")
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    if state.get("kind") != kind:
+        raise DsehError(f"{f} holds a {state.get('kind')} model, expected {kind}")
+    return state
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
+    """Build the prepared dataset directory from `cfg.data` (atomic: all or nothing)."""
+    src = open_source(cfg.data, cfg.seed)
+    with atomic_dir(out_dir) as tmp:
+        manifest = write_prepared(src, cfg.data, cfg.seed, tmp, progress)
+        dump_config(cfg, tmp / CONFIG)
+    log.info("prepared %s: %s", out_dir, manifest["sizes"])
+    return manifest
+
+
+# --------------------------------------------------------------------------- LabNet
+
+
+def load_labnet(path: str | Path) -> tuple[LabNet, dict]:
+    state = _load_model_file(Path(path), "labnet")
+    lc = state["config"]["labnet"]
+    model = LabNet(state["n_classes"], state["bits"], lc["hidden"], lc["lrn"])
+    model.load_state_dict(state["state_dict"])
+    return model, state
+
+
+def train_labnet(
+    cfg: Config,
+    data_dir: str | Path,
+    round_index: int,
+    out_dir: str | Path,
+    prev_labnet: str | Path | None = None,
+    prev_imgnet: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """LabNet phase of round r. Round 0 starts from random weights and N(0,1) buffers; round r > 0
+    continues LabNet r-1 (weights and optimiser) with buffers from ImgNet r-1:
+    H~ = sign(u), F~ = f^v over the training images."""
+    if round_index >= cfg.train.rounds:
+        raise DsehError(f"round {round_index} is past train.rounds={cfg.train.rounds}")
+    if round_index > 0 and (prev_labnet is None or prev_imgnet is None):
+        raise DsehError(
+            f"round {round_index} of train_labnet needs the LabNet and ImgNet outputs of round {round_index - 1}"
+        )
+    data = PreparedData(data_dir)
+    device = train.resolve_device(cfg.train.device)
+    seed = phase_seed(cfg.seed, "labnet", round_index)
+    train.set_determinism(seed, cfg.train.threads)
+    labels = torch.from_numpy(data.labels[data.train]).to(device)
+    n, bits = len(labels), cfg.bits
+    model = train.build_labnet(data.n_classes, bits, cfg.labnet).to(device)
+    optimizer = train.make_optimizer([{"params": list(model.parameters()), "lr": 1e-3}], cfg.train)
+    inputs = [data.sha256]
+    if round_index == 0:
+        g = torch.Generator().manual_seed(seed)
+        F_buf = torch.randn(n, 512, generator=g).to(device)
+        H_buf = torch.randn(n, bits, generator=g).to(device)
+    else:
+        prev = _load_model_file(Path(prev_labnet), "labnet")
+        _check_compatible(prev, cfg, data, prev_labnet)
+        model.load_state_dict(prev["state_dict"])
+        optimizer.load_state_dict(prev["optimizer"])
+        with np.load(Path(prev_imgnet) / TRAIN_OUTPUTS) as z:
+            F_buf = torch.from_numpy(z["F"]).float().to(device)
+            H_buf = torch.from_numpy(z["B"]).float().to(device)
+        if F_buf.shape != (n, 512) or H_buf.shape != (n, bits):
+            raise DsehError(f"{prev_imgnet}: ImgNet outputs do not match {n} training items at {bits} bits")
+        inputs += [_file_sha(Path(prev_labnet) / MODEL), _file_sha(Path(prev_imgnet) / TRAIN_OUTPUTS)]
+    epochs = epochs_for_round(cfg.labnet.epochs, round_index)
+    phase = train.labnet_phase(model, optimizer, labels, F_buf, H_buf, cfg.labnet, cfg.train, round_index, epochs, seed)
+    out = Path(out_dir)
+    fp = _fingerprint("train_labnet", round_index, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, bits, inputs)
+    ckpt = _checkpoint_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
+    F_lab, H_lab = train.encode_labels(model, labels)
+    B_lab = sign(H_lab.cpu().numpy())
+    summary = {
+        "round": round_index,
+        "epochs": epochs,
+        "distinct_codes": count_distinct(pack(B_lab)),
+        "distinct_label_sets": int(len(np.unique(data.labels[data.train], axis=0))),
+        "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
+    }
+    with atomic_dir(out) as tmp:
+        torch.save(
+            {
+                "kind": "labnet",
+                "state_dict": model.cpu().state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "config": to_dict(cfg),
+                "code_version": code_version(),
+                "n_classes": data.n_classes,
+                "bits": bits,
+                "round": round_index,
+                "dataset_sha256": data.sha256,
+            },
+            tmp / MODEL,
+        )
+        np.savez(tmp / TARGETS, B=B_lab, F=F_lab.cpu().numpy().astype(np.float32), train=data.train)
+        _write_history(tmp, history)
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+        dump_config(cfg, tmp / CONFIG)
+    ckpt.unlink(missing_ok=True)
+    log.info(
+        "LabNet round %d: %d distinct codes for %d label sets",
+        round_index,
+        summary["distinct_codes"],
+        summary["distinct_label_sets"],
+    )
+    return summary
+
+
+def _check_compatible(state: dict, cfg: Config, data: PreparedData, where) -> None:
+    if state["bits"] != cfg.bits:
+        raise DsehError(f"{where} was trained with {state['bits']} bits, params say bits={cfg.bits}")
+    if state.get("dataset_sha256") != data.sha256:
+        raise DsehError(f"{where} was trained on another prepared dataset than {data.root}")
+
+
+# --------------------------------------------------------------------------- ImgNet
+
+
+def build_imgnet(cfg: Config, image_size: int) -> ImgNet:
+    backbone = create_backbone(cfg.imgnet.backbone, cfg.imgnet.weights, image_size, cfg.imgnet.dropout)
+    return ImgNet(backbone, cfg.bits, cfg.imgnet.hash_from)
+
+
+def load_imgnet(path: str | Path, weights: str | None = None) -> tuple[ImgNet, dict]:
+    """An ImgNet step output as a model (CNN-F needs its .mat to rebuild the layer shapes)."""
+    state = _load_model_file(Path(path), "imgnet")
+    ic = dict(state["config"]["imgnet"])
+    backbone = create_backbone(
+        ic["backbone"], weights if weights is not None else ic["weights"], state["image_size"], ic["dropout"]
+    )
+    model = ImgNet(backbone, state["bits"], ic["hash_from"])
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    return model, state
+
+
+def train_imgnet(
+    cfg: Config,
+    data_dir: str | Path,
+    round_index: int,
+    labnet_dir: str | Path,
+    out_dir: str | Path,
+    prev_imgnet: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """ImgNet phase of round r, supervised by LabNet round r's fixed targets (B^l, F^l).
+
+    Writes the model, the packed codes of every item, sign(u) and f^v over the training items
+    (the next LabNet round's buffers) and the history."""
+    if round_index >= cfg.train.rounds:
+        raise DsehError(f"round {round_index} is past train.rounds={cfg.train.rounds}")
+    if round_index > 0 and prev_imgnet is None:
+        raise DsehError(f"round {round_index} of train_imgnet needs the ImgNet output of round {round_index - 1}")
+    data = PreparedData(data_dir)
+    lab_state = _load_model_file(Path(labnet_dir), "labnet")
+    _check_compatible(lab_state, cfg, data, labnet_dir)
+    device = train.resolve_device(cfg.train.device)
+    seed = phase_seed(cfg.seed, "imgnet", round_index)
+    train.set_determinism(seed, cfg.train.threads)
+    with np.load(Path(labnet_dir) / TARGETS) as z:
+        B_lab = torch.from_numpy(z["B"]).float().to(device)
+        F_lab = torch.from_numpy(z["F"]).float().to(device)
+    image_size = int(data.images.shape[1])
+    model = build_imgnet(cfg, image_size).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    epochs = epochs_for_round(cfg.imgnet.epochs, round_index)
+    base = train.lr_for_epoch(cfg.imgnet.lr_exp, cfg.train.step_exp, cfg.train.step_epochs, 0, round_index)
+    groups, mults = train.imgnet_param_groups(model, base, cfg.imgnet.backbone_lr_mult)
+    optimizer = train.make_optimizer(groups, cfg.train)
+    inputs = [data.sha256, _file_sha(Path(labnet_dir) / TARGETS)]
+    if round_index > 0:
+        prev = _load_model_file(Path(prev_imgnet), "imgnet")
+        _check_compatible(prev, cfg, data, prev_imgnet)
+        model.load_state_dict(prev["state_dict"])
+        optimizer.load_state_dict(prev["optimizer"])
+        inputs.append(_file_sha(Path(prev_imgnet) / MODEL))
+    labels = torch.from_numpy(data.labels[data.train]).to(device)
+    phase = train.imgnet_phase(
+        model,
+        optimizer,
+        mults,
+        data.images,
+        data.train,
+        labels,
+        B_lab,
+        F_lab,
+        cfg.imgnet,
+        cfg.train,
+        round_index,
+        epochs,
+        seed,
+        device,
+    )
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint("train_imgnet", round_index, to_dict(cfg.imgnet), to_dict(cfg.train), cfg.seed, cfg.bits, inputs)
+    ckpt = _checkpoint_path(out)
+    history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
+    all_items = np.arange(len(data.labels))
+    f_all, u_all = train.encode_images(
+        model, data.images, all_items, cfg.imgnet.encode_batch_size, device, cfg.train.amp, progress
+    )
+    train.finite_or_raise("ImgNet outputs", u_all)
+    codes = pack(u_all)
+    summary = {
+        "round": round_index,
+        "epochs": epochs,
+        "distinct_codes_database": count_distinct(codes[data.database]),
+        "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
+    }
+    with atomic_dir(out) as tmp:
+        torch.save(
+            {
+                "kind": "imgnet",
+                "state_dict": model.cpu().state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "config": to_dict(cfg),
+                "code_version": code_version(),
+                "n_classes": data.n_classes,
+                "bits": cfg.bits,
+                "image_size": image_size,
+                "round": round_index,
+                "dataset_sha256": data.sha256,
+            },
+            tmp / MODEL,
+        )
+        np.save(tmp / CODES, codes)
+        np.savez(tmp / TRAIN_OUTPUTS, B=sign(u_all[data.train]), F=f_all[data.train].astype(np.float32))
+        _write_history(tmp, history)
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+        dump_config(cfg, tmp / CONFIG)
+    ckpt.unlink(missing_ok=True)
+    return summary
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    cfg: Config,
+    data_dir: str | Path,
+    labnet_dir: str | Path,
+    imgnet_dir: str | Path,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> dict:
+    """Retrieval metrics (query -> database) of the saved ImgNet codes, LabNet's label retrieval,
+    DVC plot data, figures and the self-contained HTML report."""
+    from dseh import evaluation, report
+
+    data = PreparedData(data_dir)
+    img_state = _load_model_file(Path(imgnet_dir), "imgnet")
+    expected_round = cfg.train.rounds - 1
+    if img_state["round"] != expected_round:
+        raise DsehError(
+            f"{imgnet_dir} is round {img_state['round']} but train.rounds={cfg.train.rounds}: the pipeline "
+            "has stages for another number of rounds; regenerate dvc.yaml with `dseh dvc-yaml`"
+        )
+    if img_state.get("dataset_sha256") != data.sha256:
+        raise DsehError(f"{imgnet_dir} was trained on another prepared dataset than {data_dir}")
+    bits = img_state["bits"]
+    codes = np.load(Path(imgnet_dir) / CODES)
+    if codes.shape != (len(data.labels), (bits + 7) // 8):
+        raise DsehError(
+            f"{imgnet_dir}/{CODES} has shape {codes.shape}, expected ({len(data.labels)}, {(bits + 7) // 8})"
+        )
+    ev = cfg.evaluate
+    rep = evaluation.retrieval_report(
+        codes[data.query],
+        codes[data.database],
+        data.labels[data.query],
+        data.labels[data.database],
+        bits,
+        ev.topk,
+        ev.precision_at,
+        ev.query_chunk,
+    )
+    labnet, _ = load_labnet(labnet_dir)
+    _, h_q = train.encode_labels(labnet, torch.from_numpy(data.labels[data.query]))
+    _, h_db = train.encode_labels(labnet, torch.from_numpy(data.labels[data.database]))
+    lab_rep = evaluation.retrieval_report(
+        pack(h_q.numpy()),
+        pack(h_db.numpy()),
+        data.labels[data.query],
+        data.labels[data.database],
+        bits,
+        ev.topk,
+        (ev.topk,),
+        ev.query_chunk,
+    )
+    with np.load(Path(labnet_dir) / TARGETS) as z:
+        lab_codes = z["B"]
+        lab_feats = z["F"]
+    with np.load(Path(imgnet_dir) / TRAIN_OUTPUTS) as z:
+        img_feats = z["F"]
+    metrics = {
+        "bits": bits,
+        "protocol_topk": rep.topk,
+        "map_all": rep.map_all,
+        f"map_at_{rep.topk}": rep.map_topk,
+        "map_tie_aware": rep.map_tie_aware,
+        f"precision_radius_{ev.radius}": rep.precision_within(ev.radius),
+        "precision_at": {str(k): v for k, v in rep.precision_at.items()},
+        "recall_at": {str(k): v for k, v in rep.recall_at.items()},
+        "queries": int(len(data.query)),
+        "database": int(len(data.database)),
+        "queries_without_relevant": rep.queries_without_relevant,
+        "distinct_codes_database": count_distinct(codes[data.database]),
+        "labnet": {
+            "label_map_all": lab_rep.map_all,
+            f"label_map_at_{rep.topk}": lab_rep.map_topk,
+            "distinct_codes_train": count_distinct(pack(lab_codes)),
+            "distinct_label_sets_train": int(len(np.unique(data.labels[data.train], axis=0))),
+        },
+        "dataset_sha256": data.sha256,
+        "definitions": "relevant = shares a label; ranking by Hamming distance, ties by database index; "
+        "AP normalised by relevant items retrieved within K; queries without relevant items count 0",
+    }
+    with atomic_dir(out_dir) as tmp:
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
+        with open(tmp / PR_CURVE, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["radius", "precision", "recall"])
+            for r, (p, rc) in enumerate(zip(rep.pr_precision, rep.pr_recall)):
+                w.writerow([r, f"{p:.6f}", f"{rc:.6f}"])
+        with open(tmp / PRECISION_AT, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["n", "precision", "recall"])
+            for n in rep.precision_at:
+                w.writerow([n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"])
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.sort(rng.choice(len(lab_feats), size=min(ev.heatmap_items, len(lab_feats)), replace=False))
+        figs = report.make_figures(rep, lab_feats[sample], img_feats[sample], tmp / FIGURES)
+        report.write_html(tmp / REPORT, metrics, figs, to_dict(cfg))
+        dump_config(cfg, tmp / CONFIG)
+    log.info(
+        "mAP@ALL %.4f, mAP@%d %.4f, LabNet label mAP@ALL %.4f", rep.map_all, rep.topk, rep.map_topk, lab_rep.map_all
+    )
+    return metrics

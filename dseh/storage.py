@@ -1,0 +1,165 @@
+"""Reading inputs from local paths or `s3://bucket/key` URIs (boto3), and safe path joining.
+
+Endpoint, region and credentials come from the standard AWS environment variables
+(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); nothing is configured in code.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dseh.errors import DsehError, MissingObject
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ('bucket', 'a/b')."""
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise DsehError(f"'{uri}' names no bucket")
+    return bucket, key
+
+
+def join(root: str, rel: str) -> str:
+    """Join a relative item path onto a root (local folder or s3:// prefix).
+
+    The item path must be relative and stay inside the root: an absolute path or one that
+    escapes with `..` is rejected, naming it.
+    """
+    if not rel:
+        raise DsehError("empty image path")
+    if rel.startswith("/") or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
+        raise DsehError(f"image path '{rel}' is absolute; paths must be relative to the image root")
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../"):
+        raise DsehError(f"image path '{rel}' escapes the image root '{root}'")
+    if is_s3(root):
+        return root.rstrip("/") + "/" + norm
+    return str(Path(root) / norm) if root else norm
+
+
+_local = threading.local()
+
+
+def _client(timeout_s: float, retries: int):
+    """One boto3 S3 client per thread and setting (boto3 clients are not shared across threads)."""
+    key = (timeout_s, retries)
+    cache = getattr(_local, "clients", None)
+    if cache is None:
+        cache = _local.clients = {}
+    if key not in cache:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        cache[key] = boto3.session.Session().client(
+            "s3",
+            config=BotoConfig(
+                connect_timeout=timeout_s,
+                read_timeout=timeout_s,
+                retries={"max_attempts": retries, "mode": "standard"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+    return cache[key]
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def s3_error(exc: Exception, bucket: str, key: str) -> DsehError:
+    """Translate a botocore failure into one message naming the bucket and key."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return MissingObject(f"{where} does not exist")
+        if code in ("NoSuchBucket",):
+            return DsehError(f"bucket '{bucket}' does not exist (reading {where})")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return DsehError(f"access denied to {where} ({code}): check AWS credentials")
+        return DsehError(f"S3 error {code} reading {where}: {exc}")
+    if isinstance(exc, NoCredentialsError):
+        return DsehError(f"no AWS credentials to read {where}: set AWS_ACCESS_KEY_ID/SECRET")
+    if isinstance(exc, EndpointConnectionError):
+        return DsehError(f"S3 endpoint {_endpoint()} is unreachable (reading {where})")
+    return DsehError(f"S3 endpoint {_endpoint()} failed reading {where}: {exc}")
+
+
+def read_bytes(uri: str, timeout_s: float = 10.0, retries: int = 3) -> bytes:
+    """The whole content of a local file or an S3 object."""
+    if is_s3(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            obj = _client(timeout_s, retries).get_object(Bucket=bucket, Key=key)
+            return obj["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise s3_error(exc, bucket, key) from exc
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError as exc:
+        raise MissingObject(f"{uri} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise DsehError(f"{uri} is a directory, expected a file") from exc
+
+
+def read_text(uri: str, timeout_s: float = 10.0, retries: int = 3) -> str:
+    return read_bytes(uri, timeout_s, retries).decode("utf-8")
+
+
+@contextmanager
+def local_copy(uri: str, timeout_s: float = 10.0, retries: int = 3) -> Iterator[str]:
+    """A local file path for `uri`: the path itself, or a temporary download of the object."""
+    if not is_s3(uri):
+        if not Path(uri).is_file():
+            raise MissingObject(f"{uri} does not exist")
+        yield uri
+        return
+    data = read_bytes(uri, timeout_s, retries)
+    with tempfile.NamedTemporaryFile(suffix=posixpath.basename(uri)) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        yield tmp.name
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename.
+
+    On any failure the temporary directory is removed and `out_dir` is left as it was, so no
+    directory that looks complete is ever half-written.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

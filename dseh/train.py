@@ -1,0 +1,390 @@
+"""The one training loop (epochs, schedule, clipping, checkpoints, resume, NaN guard) and the two
+DSEH phases that plug into it: LabNet on label vectors and ImgNet on memory-mapped images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dseh import losses
+from dseh.config import ImgNetConfig, LabNetConfig, TrainConfig
+from dseh.errors import DsehError
+from dseh.models.nets import ImgNet, LabNet
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DsehError(f"params key 'train.device' is '{name}' but no CUDA device is available")
+    return dev
+
+
+def lr_for_epoch(lr_exp: float, step_exp: float, step_epochs: int, epoch: int, round_index: int) -> float:
+    """lr = 10^-(lr_exp + step_exp * (floor(epoch / step_epochs) + round)) (the release's schedule)."""
+    return 10.0 ** -(lr_exp + step_exp * (epoch // step_epochs + round_index))
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=groups[0]["lr"], foreach=True)
+
+
+@dataclass
+class Phase:
+    """What the loop needs from one network's phase."""
+
+    name: str
+    round_index: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    n_items: int
+    batch_size: int
+    epochs: int
+    base_lr: Callable[[int], float]  # epoch -> lr of the new layers
+    lr_mults: list[float]  # per optimizer param group
+    fetch: Callable[[np.ndarray, int, int], Any]  # (indices, epoch, batch number) -> batch, in a thread
+    step: Callable[[np.ndarray, Any], dict[str, torch.Tensor]]  # -> {'loss': total, term: value}
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpointed with the model
+    seed: int = 0
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_phase(
+    phase: Phase, cfg: TrainConfig, checkpoint: Path | None, fingerprint: str, progress: bool = True
+) -> list[dict]:
+    """Train `phase` for its epochs; returns the per-epoch history.
+
+    After every epoch the model, optimiser, buffers, sampler generator and every RNG state go to
+    `checkpoint`, so a killed run started again with the same fingerprint resumes from the last
+    completed epoch and ends with the same weights as an uninterrupted run.
+    """
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(phase.seed)
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            phase.model.load_state_dict(state["model"])
+            phase.optimizer.load_state_dict(state["optimizer"])
+            for k, v in state["buffers"].items():
+                phase.buffers[k].copy_(v)
+            gen.set_state(state["generator"])
+            _set_rng_state(state["rng"])
+            history = state["history"]
+            start_epoch = state["epoch"]
+            log.info(
+                "%s round %d: resuming after epoch %d from %s", phase.name, phase.round_index, start_epoch, checkpoint
+            )
+        else:
+            log.info("%s: ignoring a checkpoint of another configuration at %s", phase.name, checkpoint)
+    params = [p for p in phase.model.parameters() if p.requires_grad]
+    pool = ThreadPoolExecutor(max_workers=max(1, cfg.loader_workers))
+    try:
+        for epoch in range(start_epoch, phase.epochs):
+            lr = phase.base_lr(epoch)
+            for group, mult in zip(phase.optimizer.param_groups, phase.lr_mults):
+                group["lr"] = lr * mult
+            phase.model.train()
+            perm = torch.randperm(phase.n_items, generator=gen).numpy()
+            batches = [perm[s : s + phase.batch_size] for s in range(0, phase.n_items, phase.batch_size)]
+            sums: dict[str, float] = {}
+            t0 = time.perf_counter()
+            pending = [pool.submit(phase.fetch, b, epoch, i) for i, b in enumerate(batches[: cfg.loader_workers + 1])]
+            bar = tqdm(
+                total=len(batches),
+                desc=f"{phase.name} r{phase.round_index} e{epoch + 1}/{phase.epochs}",
+                leave=False,
+                disable=not progress,
+            )
+            for i, idx in enumerate(batches):
+                batch = pending[i].result()
+                if i + cfg.loader_workers + 1 < len(batches):
+                    j = i + cfg.loader_workers + 1
+                    pending.append(pool.submit(phase.fetch, batches[j], epoch, j))
+                terms = phase.step(idx, batch)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    bad = next((k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)), "loss")
+                    kept = (
+                        f"; the last good checkpoint is kept at {checkpoint}"
+                        if checkpoint and checkpoint.exists()
+                        else ""
+                    )
+                    raise DsehError(
+                        f"{phase.name} round {phase.round_index}: loss term '{bad}' became {float(terms[bad])} "
+                        f"at epoch {epoch + 1}{kept}"
+                    )
+                phase.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_value > 0:
+                    torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+                phase.optimizer.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
+            bar.close()
+            seconds = time.perf_counter() - t0
+            row = {
+                "round": phase.round_index,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "seconds": round(seconds, 3),
+                "items_per_s": round(phase.n_items / max(seconds, 1e-9), 1),
+            }
+            row.update({k: v / phase.n_items for k, v in sums.items()})
+            history.append(row)
+            log.info(
+                "%s round %d epoch %d/%d: %s",
+                phase.name,
+                phase.round_index,
+                epoch + 1,
+                phase.epochs,
+                ", ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float) and k not in ("lr",)),
+            )
+            if checkpoint is not None:
+                _save_atomic(
+                    {
+                        "fingerprint": fingerprint,
+                        "epoch": epoch + 1,
+                        "model": phase.model.state_dict(),
+                        "optimizer": phase.optimizer.state_dict(),
+                        "buffers": {k: v.cpu() for k, v in phase.buffers.items()},
+                        "generator": gen.get_state(),
+                        "rng": _rng_state(),
+                        "history": history,
+                    },
+                    checkpoint,
+                )
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return history
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------- LabNet
+
+
+def build_labnet(n_classes: int, bits: int, cfg: LabNetConfig) -> LabNet:
+    return LabNet(n_classes, bits, cfg.hidden, cfg.lrn)
+
+
+def labnet_phase(
+    model: LabNet,
+    optimizer: torch.optim.Optimizer,
+    labels: torch.Tensor,
+    F_buf: torch.Tensor,
+    H_buf: torch.Tensor,
+    cfg: LabNetConfig,
+    train_cfg: TrainConfig,
+    round_index: int,
+    epochs: int,
+    seed: int,
+) -> Phase:
+    """LabNet's step: batch labels -> (f, h, logits); buffers take the batch rows (detached);
+    L_Lab = gamma_pf J1 + gamma_ph J2 + beta J3 + gamma_hl J4."""
+    Y = labels.float()
+
+    def step(idx: np.ndarray, _batch: Any) -> dict[str, torch.Tensor]:
+        t = torch.from_numpy(idx).to(Y.device)
+        y = Y[t]
+        f, h, logits = model(y)
+        F_buf[t] = f.detach()
+        H_buf[t] = h.detach()
+        S = losses.similarity(Y, y)
+        j1 = losses.semantic_loss_j1(F_buf, f, S, cfg.sim_scale, cfg.logit_scale)
+        j2 = losses.hamming_loss_j2(H_buf, h, S, cfg.sim_scale, cfg.logit_scale)
+        j3 = losses.quantization_loss_j3(h, cfg.quant_reduction)
+        j4 = losses.label_loss_j4(y, logits, cfg.label_head)
+        total = cfg.gamma_pf * j1 + cfg.gamma_ph * j2 + cfg.beta * j3 + cfg.gamma_hl * j4
+        return {"loss": total, "J1": j1.detach(), "J2": j2.detach(), "J3": j3.detach(), "J4": j4.detach()}
+
+    return Phase(
+        name="labnet",
+        round_index=round_index,
+        model=model,
+        optimizer=optimizer,
+        n_items=len(Y),
+        batch_size=cfg.batch_size,
+        epochs=epochs,
+        base_lr=lambda e: lr_for_epoch(cfg.lr_exp, train_cfg.step_exp, train_cfg.step_epochs, e, round_index),
+        lr_mults=[1.0],
+        fetch=lambda idx, e, b: None,
+        step=step,
+        buffers={"F": F_buf, "H": H_buf},
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def encode_labels(model: LabNet, labels: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F^l, H^l) for label vectors, in eval mode."""
+    model.eval()
+    fs, hs = [], []
+    for s in range(0, len(labels), batch):
+        f, h, _ = model(labels[s : s + batch].float())
+        fs.append(f)
+        hs.append(h)
+    return torch.cat(fs), torch.cat(hs)
+
+
+# --------------------------------------------------------------------------- ImgNet
+
+
+def imgnet_param_groups(model: ImgNet, base_lr: float, mult: float) -> tuple[list[dict], list[float]]:
+    """New layers at the base lr; a pretrained backbone at mult x (1x when trained from scratch)."""
+    m = mult if model.backbone.pretrained else 1.0
+    groups = [
+        {"params": model.new_parameters(), "lr": base_lr},
+        {"params": list(model.backbone.parameters()), "lr": base_lr * m},
+    ]
+    return groups, [1.0, m]
+
+
+def gather_images(images: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """uint8 rows of the memory-mapped array, read in ascending order then put back in `items` order."""
+    order = np.argsort(items, kind="stable")
+    out = np.empty((len(items),) + images.shape[1:], dtype=np.uint8)
+    out[order] = images[items[order]]
+    return out
+
+
+def imgnet_phase(
+    model: ImgNet,
+    optimizer: torch.optim.Optimizer,
+    lr_mults: list[float],
+    images: np.ndarray,
+    train_items: np.ndarray,
+    labels: torch.Tensor,
+    B_lab: torch.Tensor,
+    F_lab: torch.Tensor,
+    cfg: ImgNetConfig,
+    train_cfg: TrainConfig,
+    round_index: int,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+) -> Phase:
+    """ImgNet's step: images -> (f^v, u); L_Img = gamma_if L_f + eta L_h against LabNet's fixed targets."""
+    Y = labels.float()
+    pin = device.type == "cuda"
+
+    def fetch(idx: np.ndarray, epoch: int, b: int) -> torch.Tensor:
+        x = gather_images(images, train_items[idx])
+        if cfg.flip:
+            rng = np.random.default_rng([seed, round_index, epoch, b])
+            flip = rng.random(len(idx)) < 0.5
+            x[flip] = x[flip, :, ::-1]
+        t = torch.from_numpy(x)
+        return t.pin_memory() if pin else t
+
+    def step(idx: np.ndarray, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = torch.from_numpy(idx).to(device)
+        x = x.to(device, non_blocking=True)
+        with _autocast(device, train_cfg.amp):
+            f, u = model(x)
+        f, u = f.float(), u.float()
+        S = losses.similarity(Y, Y[t])
+        lf = losses.semantic_supervision_lf(F_lab, f, S, cfg.sim_scale, cfg.logit_scale)
+        lh = losses.code_loss_lh(u, B_lab[t], cfg.code_scale, cfg.code_target)
+        total = cfg.gamma_if * lf + cfg.eta * lh
+        return {"loss": total, "L_f": lf.detach(), "L_h": lh.detach()}
+
+    return Phase(
+        name="imgnet",
+        round_index=round_index,
+        model=model,
+        optimizer=optimizer,
+        n_items=len(train_items),
+        batch_size=cfg.batch_size,
+        epochs=epochs,
+        base_lr=lambda e: lr_for_epoch(cfg.lr_exp, train_cfg.step_exp, train_cfg.step_epochs, e, round_index),
+        lr_mults=lr_mults,
+        fetch=fetch,
+        step=step,
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def encode_images(
+    model: ImgNet,
+    images: np.ndarray,
+    items: np.ndarray,
+    batch: int,
+    device: torch.device,
+    amp: bool = True,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(f^v float32 (n, 512), u float32 (n, K)) for the given items, eval mode, no augmentation."""
+    from tqdm import tqdm
+
+    model.eval()
+    fs, us = [], []
+    for s in tqdm(range(0, len(items), batch), desc="encode", leave=False, disable=not progress):
+        x = torch.from_numpy(gather_images(images, items[s : s + batch])).to(device)
+        with _autocast(device, amp):
+            f, u = model(x)
+        fs.append(f.float().cpu().numpy())
+        us.append(u.float().cpu().numpy())
+    return np.concatenate(fs), np.concatenate(us)
+
+
+def set_determinism(seed: int, threads: int) -> None:
+    """Seed every generator; deterministic kernels where PyTorch offers them."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def finite_or_raise(name: str, values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise DsehError(f"{name} holds non-finite values")

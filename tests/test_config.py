@@ -1,0 +1,76 @@
+"""params.yaml -> typed config: unknown keys, wrong types, overrides, the resolved config."""
+
+import pytest
+import yaml
+
+from dseh.config import Config, dump_config, epochs_for_round, from_dict, load_config, section_keys
+from dseh.errors import DsehError
+from tests.conftest import REPO
+
+
+def test_repo_params_load_and_document_every_key():
+    cfg = load_config(REPO / "params.yaml")
+    assert isinstance(cfg, Config)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    flat = []
+    for name, value in raw.items():
+        flat += [f"{name}.{k}" for k in value] if isinstance(value, dict) else [name]
+    assert sorted(flat) == sorted(section_keys())
+
+
+def test_unknown_key_names_key_and_valid_keys():
+    with pytest.raises(DsehError) as e:
+        from_dict({"labnet": {"epochz": [3]}})
+    msg = str(e.value)
+    assert "labnet.epochz" in msg and "batch_size" in msg and "epochs" in msg
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(DsehError, match="unknown params key 'bitz'"):
+        from_dict({"bitz": 3})
+
+
+@pytest.mark.parametrize(
+    "raw, key, expected",
+    [
+        ({"bits": "32"}, "bits", "int"),
+        ({"labnet": {"beta": "high"}}, "labnet.beta", "float"),
+        ({"data": {"skip_bad_images": "yes"}}, "data.skip_bad_images", "bool"),
+        ({"labnet": {"epochs": 5}}, "labnet.epochs", "list of int"),
+        ({"bits": True}, "bits", "int"),
+    ],
+)
+def test_wrong_type_names_key_type_and_value(raw, key, expected):
+    with pytest.raises(DsehError) as e:
+        from_dict(raw)
+    assert key in str(e.value) and expected in str(e.value)
+
+
+def test_choice_checked():
+    with pytest.raises(DsehError, match="imgnet.backbone"):
+        from_dict({"imgnet": {"backbone": "vit"}})
+
+
+def test_overrides_use_dvc_syntax():
+    cfg = from_dict({}, ["bits=64", "labnet.epochs=[5,3]", "imgnet.lr_exp=4", "data.source=list-files"])
+    assert cfg.bits == 64 and cfg.labnet.epochs == (5, 3) and cfg.imgnet.lr_exp == 4.0
+    assert isinstance(cfg.imgnet.lr_exp, float)
+    with pytest.raises(DsehError, match="key.sub=value"):
+        from_dict({}, ["bits"])
+    with pytest.raises(DsehError, match="labnet.nope"):
+        from_dict({}, ["labnet.nope=1"])
+
+
+def test_epochs_per_round_repeat_last():
+    assert [epochs_for_round((30, 20, 10), r) for r in range(4)] == [30, 20, 10, 10]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = from_dict({}, ["bits=48"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_missing_named_params_file(tmp_path):
+    with pytest.raises(DsehError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

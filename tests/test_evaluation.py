@@ -1,0 +1,152 @@
+"""Retrieval metrics against hand-computed examples and a brute-force reference (evaluation.md)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dseh import evaluation as ev
+from dseh.codes import pack, sign, unpack
+
+
+def brute_rank(q, db):
+    """Float distances, stable sort: the reference ranking."""
+    d = (q.shape[0] - q.astype(float) @ db.T.astype(float)) / 2
+    return np.argsort(d, kind="stable"), d
+
+
+def brute_ap(q, db, ql, dbl, k=None):
+    order, _ = brute_rank(q, db)
+    order = order[: k or len(db)]
+    hits, total = 0, 0.0
+    for rank, j in enumerate(order, start=1):
+        if (ql & dbl[j]).any():
+            hits += 1
+            total += hits / rank
+    return total / hits if hits else 0.0
+
+
+def random_case(rng, nq=25, ndb=300, bits=8, classes=5):
+    q = np.where(rng.random((nq, bits)) < 0.5, 1, -1)
+    db = np.where(rng.random((ndb, bits)) < 0.5, 1, -1)
+    ql = (rng.random((nq, classes)) < 0.25).astype(np.uint8)
+    dbl = (rng.random((ndb, classes)) < 0.25).astype(np.uint8)
+    return q, db, ql, dbl
+
+
+def test_sign_never_zero_and_pack_round_trip():
+    x = np.array([[0.0, -0.0, 1e-9, -1e-9, 3.0, -2.0, 0.0, 5.0, -1.0, 0.0]])
+    s = sign(x)
+    assert set(np.unique(s)) <= {-1, 1} and s[0, 0] == 1
+    assert np.array_equal(unpack(pack(s), 10), s)
+    assert pack(s).shape == (1, 2)
+
+
+def test_hand_example_relevant_at_ranks_1_and_3():
+    q = np.array([[1, 1, 1, 1]])
+    db = np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [1, -1, -1, -1]])  # distances 0, 1, 2, 3
+    ql = np.array([[1, 0]])
+    dbl = np.array([[1, 0], [0, 1], [1, 1], [0, 1]])
+    assert ev.mean_average_precision(q, db, ql, dbl) == pytest.approx((1 + 2 / 3) / 2)
+    assert ev.mean_average_precision(q, db, ql, dbl, topk=2) == pytest.approx(1.0)
+    ids, dist = ev.hamming_topk(q, db, 4)
+    assert ids.tolist() == [[0, 1, 2, 3]] and dist.tolist() == [[0, 1, 2, 3]]
+
+
+def test_all_ties_give_the_ap_of_the_index_order():
+    q = np.ones((1, 8))
+    db = np.ones((5, 8))
+    dbl = np.array([[0], [1], [0], [0], [1]])
+    # relevant at ranks 2 and 5: (1/2 + 2/5) / 2
+    assert ev.mean_average_precision(q, db, np.array([[1]]), dbl) == pytest.approx((0.5 + 0.4) / 2)
+    assert ev.mean_average_precision(q, db, np.array([[1]]), dbl, topk=3) == pytest.approx(0.5)
+
+
+def test_query_without_relevant_item_counts_zero():
+    q = np.ones((2, 8))
+    db = np.ones((3, 8))
+    ql = np.array([[1, 0], [0, 1]])
+    dbl = np.array([[1, 0], [1, 0], [1, 0]])
+    aps = ev.average_precisions(q, db, ql, dbl)
+    assert aps.tolist() == [1.0, 0.0]
+    assert ev.mean_average_precision(q, db, ql, dbl) == 0.5
+
+
+@pytest.mark.parametrize("topk", [1, 7, 50, 299, None])
+def test_fast_map_equals_brute_force_with_many_ties(topk):
+    q, db, ql, dbl = random_case(np.random.default_rng(topk or 0))
+    ref = np.array([brute_ap(q[i], db, ql[i], dbl, topk) for i in range(len(q))])
+    fast = ev.average_precisions(q, db, ql, dbl, topk)
+    np.testing.assert_allclose(fast, ref, atol=1e-9)
+    rep = ev.retrieval_report(pack(q), pack(db), ql, dbl, 8, topk or len(db), (10, 100))
+    np.testing.assert_allclose(rep.ap_topk, ref, atol=1e-9)
+    np.testing.assert_allclose(rep.ap_all, [brute_ap(q[i], db, ql[i], dbl) for i in range(len(q))], atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 300])
+def test_faiss_and_numpy_rank_identically(k):
+    if ev.faiss is None:
+        pytest.skip("faiss not installed")
+    q, db, _, _ = random_case(np.random.default_rng(k), bits=16, ndb=300)
+    a_ids, a_d = ev.hamming_topk_packed(pack(q), pack(db), k, backend="faiss")
+    b_ids, b_d = ev.hamming_topk_packed(pack(q), pack(db), k, backend="numpy")
+    assert np.array_equal(a_ids, b_ids) and np.array_equal(a_d, b_d)
+    order, d = brute_rank(q[0], db)
+    assert a_ids[0].tolist() == order[:k].tolist()
+
+
+def test_numpy_topk_in_small_chunks_matches_one_chunk():
+    q, db, _, _ = random_case(np.random.default_rng(3), nq=40)
+    a = ev.hamming_topk_packed(pack(q), pack(db), 20, backend="numpy", chunk=3)
+    b = ev.hamming_topk_packed(pack(q), pack(db), 20, backend="numpy")
+    assert np.array_equal(a[0], b[0])
+
+
+def test_tie_aware_ap_is_the_expectation_over_orders_in_ties():
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        q, db, ql, dbl = random_case(rng, nq=1, ndb=7, bits=3, classes=2)
+        _, d = brute_rank(q[0], db)
+        rel = (ql[0] & dbl).any(1)
+        aps = []
+        for perm in itertools.permutations(range(7)):
+            if all(d[perm[i]] <= d[perm[i + 1]] for i in range(6)):
+                r = rel[list(perm)]
+                aps.append(ev.ap_from_relevance(r[None])[0])
+        got = ev.tie_aware_map(q, db, ql, dbl)
+        assert got == pytest.approx(np.mean(aps), abs=1e-9)
+
+
+def test_precision_recall_at_n_and_pr_curve_against_brute_force():
+    q, db, ql, dbl = random_case(np.random.default_rng(11), nq=10, ndb=120)
+    ns = (5, 20, 120, 200)
+    prec, rec = ev.precision_recall_at(q, db, ql, dbl, ns)
+    pr_p, pr_r = ev.pr_curve(q, db, ql, dbl)
+    bp = {n: [] for n in ns}
+    br = {n: [] for n in ns}
+    rp = np.zeros((len(q), 9))
+    rr = np.zeros((len(q), 9))
+    for i in range(len(q)):
+        order, d = brute_rank(q[i], db)
+        rel = (ql[i] & dbl).any(1)
+        for n in ns:
+            top = order[: min(n, len(db))]
+            bp[n].append(rel[top].sum() / min(n, len(db)))
+            br[n].append(rel[top].sum() / rel.sum() if rel.sum() else 0.0)
+        for r in range(9):
+            inside = d <= r
+            rp[i, r] = (rel & inside).sum() / inside.sum() if inside.sum() else 0.0
+            rr[i, r] = (rel & inside).sum() / rel.sum() if rel.sum() else 0.0
+    for n in ns:
+        assert prec[n] == pytest.approx(np.mean(bp[n]), abs=1e-12)
+        assert rec[n] == pytest.approx(np.mean(br[n]), abs=1e-12)
+    np.testing.assert_allclose(pr_p, rp.mean(0), atol=1e-12)
+    np.testing.assert_allclose(pr_r, rr.mean(0), atol=1e-12)
+    assert ev.precision_within_radius(q, db, ql, dbl, 2) == pytest.approx(rp[:, 2].mean())
+
+
+def test_multiword_labels_and_codes():
+    rng = np.random.default_rng(5)
+    q, db, ql, dbl = random_case(rng, nq=6, ndb=50, bits=100, classes=130)
+    ref = [brute_ap(q[i], db, ql[i], dbl) for i in range(6)]
+    np.testing.assert_allclose(ev.average_precisions(q, db, ql, dbl), ref, atol=1e-9)

@@ -1,0 +1,125 @@
+"""Training: determinism (same seed, same codes), resume after SIGKILL, NaN guard, schedule, rounds."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dseh import losses, stages
+from dseh.config import from_dict
+from dseh.errors import DsehError
+from dseh.train import lr_for_epoch
+from tests.conftest import REPO, tiny_raw
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    stages.prepare(from_dict(tiny_raw()), root / "data", progress=False)
+    return root / "data"
+
+
+def _train_round0(cfg, data, out):
+    stages.train_labnet(cfg, data, 0, out / "lab", progress=False)
+    stages.train_imgnet(cfg, data, 0, out / "lab", out / "img", progress=False)
+
+
+def test_determinism_same_seed_same_codes_bit_for_bit(prepared, tmp_path):
+    cfg = from_dict(tiny_raw())
+    _train_round0(cfg, prepared, tmp_path / "a")
+    _train_round0(cfg, prepared, tmp_path / "b")
+    for name in (stages.CODES,):
+        assert np.array_equal(np.load(tmp_path / "a/img" / name), np.load(tmp_path / "b/img" / name))
+    for d, f in (("lab", stages.TARGETS), ("img", stages.TRAIN_OUTPUTS)):
+        with np.load(tmp_path / "a" / d / f) as x, np.load(tmp_path / "b" / d / f) as y:
+            for k in x.files:
+                assert np.array_equal(x[k], y[k]), (d, k)
+    other = from_dict(tiny_raw(seed=1))
+    _train_round0(other, prepared, tmp_path / "c")
+    assert not np.array_equal(np.load(tmp_path / "a/img/codes.npy"), np.load(tmp_path / "c/img/codes.npy"))
+
+
+def test_two_rounds_continue_weights_and_use_imgnet_buffers(prepared, tmp_path):
+    cfg = from_dict(tiny_raw(train={"rounds": 2}, labnet={"epochs": [2, 1]}, imgnet={"epochs": [1]}))
+    _train_round0(cfg, prepared, tmp_path / "r0")
+    stages.train_labnet(cfg, prepared, 1, tmp_path / "r1/lab", tmp_path / "r0/lab", tmp_path / "r0/img", progress=False)
+    stages.train_imgnet(cfg, prepared, 1, tmp_path / "r1/lab", tmp_path / "r1/img", tmp_path / "r0/img", progress=False)
+    s0 = torch.load(tmp_path / "r0/lab/model.pt", weights_only=False)
+    s1 = torch.load(tmp_path / "r1/lab/model.pt", weights_only=False)
+    # Adam state continued: step counts add up over rounds (2 epochs then 1 epoch of 7 batches)
+    steps = lambda s: int(next(iter(s["optimizer"]["state"].values()))["step"])  # noqa: E731
+    assert steps(s0) == 14 and steps(s1) == 21
+    assert s1["round"] == 1
+    hist = (tmp_path / "r1/lab/history.csv").read_text().splitlines()
+    assert hist[0].startswith("round,epoch,lr") and len(hist) == 2
+    with pytest.raises(DsehError, match="needs the LabNet and ImgNet outputs"):
+        stages.train_labnet(cfg, prepared, 1, tmp_path / "x", progress=False)
+    with pytest.raises(DsehError, match="past train.rounds"):
+        stages.train_labnet(cfg, prepared, 2, tmp_path / "x", tmp_path / "r1/lab", tmp_path / "r1/img", progress=False)
+
+
+def test_release_lr_schedule():
+    assert lr_for_epoch(3.0, 0.5, 10, 0, 0) == pytest.approx(1e-3)
+    assert lr_for_epoch(3.0, 0.5, 10, 10, 0) == pytest.approx(10**-3.5)
+    assert lr_for_epoch(3.0, 0.5, 10, 25, 1) == pytest.approx(10**-4.5)
+
+
+def test_nan_loss_stops_naming_term_and_epoch_and_keeps_checkpoint(prepared, tmp_path, monkeypatch):
+    real = losses.quantization_loss_j3
+    calls = {"n": 0}
+
+    def flaky(h, reduction="mean"):
+        calls["n"] += 1
+        value = real(h, reduction)
+        return value * float("nan") if calls["n"] > 10 else value  # 7 batches per epoch: NaN in epoch 2
+
+    monkeypatch.setattr(losses, "quantization_loss_j3", flaky)
+    cfg = from_dict(tiny_raw(labnet={"epochs": [3]}))
+    with pytest.raises(DsehError, match=r"loss term 'J3' became nan at epoch 2.*last good checkpoint"):
+        stages.train_labnet(cfg, prepared, 0, tmp_path / "lab", progress=False)
+    ckpt = stages._checkpoint_path(tmp_path / "lab")
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["epoch"] == 1
+    assert not (tmp_path / "lab").exists()
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    import shutil
+
+    import yaml
+
+    raw = tiny_raw(data={"n_database": 400, "n_train": 400}, imgnet={"epochs": [5], "batch_size": 16})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    cfg = from_dict(raw)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    stages.prepare(cfg, clean / "data", progress=False)
+    stages.train_labnet(cfg, clean / "data", 0, clean / "labnet/round0", progress=False)
+    shutil.copytree(clean, killed)
+    cmd = [sys.executable, "-m", "dseh", "train-imgnet", "-q", "--params", str(params), "--root", str(killed)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ckpt = stages._checkpoint_path(killed / "imgnet/round0")
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (killed / "imgnet/round0").exists()
+    done = torch.load(ckpt, weights_only=False)["epoch"]
+    assert 1 <= done < 5
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {done}" in resumed.stderr
+    assert not ckpt.exists()  # removed once the step completed
+    stages.train_imgnet(cfg, clean / "data", 0, clean / "labnet/round0", clean / "imgnet/round0", progress=False)
+    a = torch.load(killed / "imgnet/round0/model.pt", weights_only=False)
+    b = torch.load(clean / "imgnet/round0/model.pt", weights_only=False)
+    for k in b["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert np.array_equal(np.load(killed / "imgnet/round0/codes.npy"), np.load(clean / "imgnet/round0/codes.npy"))
