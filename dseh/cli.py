@@ -59,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgnet")
     p.add_argument("--out")
 
+    p = sub.add_parser("promote", help="register the evaluated ImgNet model; move `champion` if it is better")
+    _common(p)
+    p.add_argument("--data")
+    p.add_argument("--imgnet")
+    p.add_argument("--eval")
+    p.add_argument("--out")
+    p.add_argument("--dry-run", action="store_true", help="say what would happen; write nothing")
+
+    p = sub.add_parser("sweep", help="train and evaluate at one code length (the map_table stage's input)")
+    _common(p)
+    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--data")
+    p.add_argument("--out", help="default: ROOT/sweep/BITS")
+
+    p = sub.add_parser("map-table", help="collect the sweep into map_table.csv and .md")
+    _common(p)
+    p.add_argument("--out", help="default: ROOT/table")
+
     p = sub.add_parser("search", help="top-k database items for query image files")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", default="outputs/imgnet/round0", help="an ImgNet step output directory")
@@ -134,6 +152,22 @@ def _run(args: argparse.Namespace) -> int:
             progress,
         )
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    elif args.command == "promote":
+        last = cfg.train.rounds - 1
+        decision = stages.promote(
+            cfg,
+            args.data or lay.data,
+            args.imgnet or lay.imgnet(last),
+            args.eval or lay.eval,
+            None if args.dry_run else (args.out or lay.promote),
+            args.dry_run,
+        )
+        print(json.dumps(decision, indent=2))
+    elif args.command == "sweep":
+        stages.sweep_bits(cfg, args.data or lay.data, args.bits, args.out or lay.sweep(args.bits), progress)
+    elif args.command == "map-table":
+        stages.map_table(cfg, lay.root / "sweep", args.out or lay.table)
+        print((Path(args.out or lay.table) / "map_table.md").read_text())
     return 0
 
 

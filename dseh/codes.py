@@ -43,3 +43,9 @@ def to_words(packed: np.ndarray) -> np.ndarray:
 def count_distinct(packed: np.ndarray) -> int:
     """Number of distinct codes among packed rows."""
     return int(len(np.unique(np.asarray(packed), axis=0)))
+
+
+def constant_bits(packed: np.ndarray, bits: int) -> int:
+    """Number of bit positions that hold the same value in every packed row (a sign of collapse)."""
+    b = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=bits)
+    return int((b.min(axis=0) == b.max(axis=0)).sum()) if len(b) else 0

@@ -110,6 +110,32 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: the tracking URI comes from MLFLOW_TRACKING_URI (unset: ./mlflow.db)."""
+
+    enabled: bool = True
+    experiment: str = "dseh"
+    registered_model: str = "dseh-imgnet"
+    timeout_s: float = 10.0  # a tracking server that does not answer within this fails the step
+    required: bool = True  # false: warn and train on when the server is unreachable
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """Registry promotion of the evaluated ImgNet model."""
+
+    metric: str = "map_all"  # a key of metrics.json
+    min_delta: float = 0.0  # the champion moves only if the candidate beats it by at least this
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The code-length sweep (the paper's Table 1) run by the `map_table` stage."""
+
+    bits: tuple[int, ...] = (16, 32, 48, 64)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration."""
 
@@ -120,6 +146,9 @@ class Config:
     imgnet: ImgNetConfig = field(default_factory=ImgNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 _CHOICES = {
@@ -257,6 +286,8 @@ def _validate(cfg: Config) -> None:
         (cfg.data.chunk_size >= 1, "data.chunk_size", "must be positive"),
         (cfg.evaluate.topk >= 1, "evaluate.topk", "must be positive"),
         (cfg.train.step_epochs >= 1, "train.step_epochs", "must be positive"),
+        (cfg.tracking.timeout_s > 0, "tracking.timeout_s", "must be positive"),
+        (all(1 <= b <= 4096 for b in cfg.sweep.bits), "sweep.bits", "must hold code lengths between 1 and 4096"),
     ]
     for ok, key, why in checks:
         if not ok:
@@ -304,6 +335,9 @@ __all__ = [
     "EvaluateConfig",
     "ImgNetConfig",
     "LabNetConfig",
+    "PromoteConfig",
+    "SweepConfig",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "dump_config",

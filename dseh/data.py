@@ -316,6 +316,19 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _write_npy_header(f, shape: tuple[int, ...], pad_to: int = 0) -> int:
+    """Write a version 1.0 .npy header for a C-ordered uint8 array; returns its length in bytes.
+
+    The header is padded with spaces to `pad_to` (or to 64 bytes past its natural length), so a
+    header for fewer rows can later be written over it in place."""
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+    body_len = len(text) + 1  # the trailing newline
+    total = pad_to or (-(-(10 + body_len + 64) // 64) * 64)
+    text = text + " " * (total - 10 - body_len) + "\n"
+    f.write(b"\x93NUMPY\x01\x00" + (total - 10).to_bytes(2, "little") + text.encode("latin1"))
+    return total
+
+
 def write_prepared(src: Source, cfg: DataConfig, seed: int, out: Path, progress: bool = True) -> dict:
     """Stream the source's images into `out/images.npy` chunk by chunk (bounded memory) and
     write labels, splits, classes and the manifest. `out` is a fresh temporary directory."""
@@ -323,45 +336,40 @@ def write_prepared(src: Source, cfg: DataConfig, seed: int, out: Path, progress:
 
     n = len(src.labels)
     size = cfg.image_size
-    tmp_images = out / "images.partial.npy"
-    images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     keep = np.ones(n, dtype=bool)
     bad_paths: list[str] = []
-    for start in tqdm(range(0, n, cfg.chunk_size), desc="prepare", unit="chunk", leave=False, disable=not progress):
-        idx = np.arange(start, min(n, start + cfg.chunk_size))
-        chunk, bad = src.load_chunk(idx)
-        images[idx] = chunk
-        if bad:
-            names = [src.paths[idx[b]] if src.paths else str(idx[b]) for b in bad]
-            if not cfg.skip_bad_images:
-                shown = ", ".join(names[:5])
-                raise DsehError(
-                    f"{len(bad)} missing or unreadable image(s) under '{cfg.image_root}', first: {shown} "
-                    "(set data.skip_bad_images=true to skip and count them)"
-                )
-            keep[idx[bad]] = False
-            bad_paths += names
-    images.flush()
-    del images
+    # Plain sequential writes after an .npy header (not a writable memmap): written pages are
+    # page cache, not this process's memory, so peak RSS stays at a few chunks for any N.
+    with open(out / FILES["images"], "wb") as f:
+        header_len = _write_npy_header(f, (n, size, size, 3))
+        chunks = range(0, n, cfg.chunk_size)
+        for start in tqdm(chunks, desc="prepare", unit="chunk", leave=False, disable=not progress):
+            idx = np.arange(start, min(n, start + cfg.chunk_size))
+            chunk, bad = src.load_chunk(idx)
+            if bad:
+                names = [src.paths[idx[b]] if src.paths else str(idx[b]) for b in bad]
+                if not cfg.skip_bad_images:
+                    shown = ", ".join(names[:5])
+                    raise DsehError(
+                        f"{len(bad)} missing or unreadable image(s) under '{cfg.image_root}', first: {shown} "
+                        "(set data.skip_bad_images=true to skip and count them)"
+                    )
+                keep[idx[bad]] = False
+                bad_paths += names
+                chunk = np.delete(chunk, bad, axis=0)
+            f.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
+        n_good = int(keep.sum())
+        if n_good != n:
+            f.seek(0)
+            if _write_npy_header(f, (n_good, size, size, 3), pad_to=header_len) != header_len:
+                raise AssertionError("npy header grew")  # cannot happen: fewer rows, same padding
     labels, splits, paths = src.labels, dict(src.splits), src.paths
-    if not keep.all():
+    if n_good != n:
         log.warning("skipped %d bad images, first: %s", len(bad_paths), ", ".join(bad_paths[:5]))
         new_id = np.cumsum(keep) - 1
-        old = np.load(tmp_images, mmap_mode="r")
-        good = np.flatnonzero(keep)
-        final = np.lib.format.open_memmap(
-            out / FILES["images"], mode="w+", dtype=np.uint8, shape=(len(good), size, size, 3)
-        )
-        for s in range(0, len(good), cfg.chunk_size):
-            final[s : s + cfg.chunk_size] = old[good[s : s + cfg.chunk_size]]
-        final.flush()
-        del final, old
-        tmp_images.unlink()
         labels = labels[keep]
         splits = {k: new_id[v[keep[v]]] for k, v in splits.items()}
-        paths = [p for p, k in zip(paths or [], keep) if k] if paths else None
-    else:
-        tmp_images.rename(out / FILES["images"])
+        paths = [p for p, k in zip(paths, keep) if k] if paths else None
     for split in SPLITS:
         if len(splits[split]) == 0:
             raise DsehError(f"split '{split}' is empty after preparing {src.name}")

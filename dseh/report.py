@@ -11,6 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+DEFINITIONS = (
+    "Relevant = shares at least one label. Ranking by Hamming distance, ties broken by database index. "
+    "AP@K is normalised by the relevant items retrieved within K; a query without relevant items counts 0. "
+    "Tie-aware mAP (He et al. 2018) is the expectation over orders inside tie groups. PR by Hamming radius; "
+    "a query that retrieves nothing within a radius has precision 0."
+)
+
 
 def _plt():
     import matplotlib
@@ -74,7 +81,9 @@ def _img(path: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
-def write_html(path: Path, metrics: dict, figures: dict[str, Path], config: dict) -> None:
+def write_html(
+    path: Path, metrics: dict, precision_at: dict, recall_at: dict, figures: dict[str, Path], config: dict
+) -> None:
     """One HTML file a browser or the KFP UI opens as it is."""
     rows = []
     for key, value in metrics.items():
@@ -85,10 +94,8 @@ def write_html(path: Path, metrics: dict, figures: dict[str, Path], config: dict
     for key, value in metrics.get("labnet", {}).items():
         rows.append((f"labnet.{key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    pat = metrics.get("precision_at", {})
     ptable = "".join(
-        f"<tr><th>{html.escape(n)}</th><td>{v:.4f}</td><td>{metrics['recall_at'][n]:.4f}</td></tr>"
-        for n, v in pat.items()
+        f"<tr><th>{n}</th><td>{v:.4f}</td><td>{recall_at[n]:.4f}</td></tr>" for n, v in precision_at.items()
     )
     figs = "".join(_img(p, name.replace("_", " ")) for name, p in figures.items())
     doc = f"""<!DOCTYPE html>
@@ -97,7 +104,7 @@ def write_html(path: Path, metrics: dict, figures: dict[str, Path], config: dict
 th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
 img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
 <body><h1>DSEH retrieval evaluation</h1>
-<p>{html.escape(metrics.get("definitions", ""))}</p>
+<p>{html.escape(DEFINITIONS)}</p>
 <h2>mAP</h2><table id="map-table">{table}</table>
 <h2>Precision and recall at N</h2><table id="precision-table"><tr><th>N</th><th>precision</th><th>recall</th></tr>{ptable}</table>
 <h2>Figures</h2>{figs}

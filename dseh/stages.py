@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dseh import __version__, train
-from dseh.codes import count_distinct, pack, sign
+from dseh import __version__, tracking, train
+from dseh.codes import constant_bits, count_distinct, pack, sign
 from dseh.config import Config, dump_config, epochs_for_round, to_dict
-from dseh.data import PreparedData, open_source, write_prepared
+from dseh.data import MANIFEST, PreparedData, open_source, write_prepared
 from dseh.errors import DsehError
 from dseh.models.backbones import create_backbone
 from dseh.models.nets import ImgNet, LabNet
@@ -35,6 +35,7 @@ HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
+
 METRICS = "metrics.json"
 PR_CURVE = "pr_curve.csv"
 PRECISION_AT = "precision_at_n.csv"
@@ -47,6 +48,9 @@ STAGE_PARAMS = {
     "train_labnet": ["seed", "bits", "labnet", "train"],
     "train_imgnet": ["seed", "bits", "imgnet", "train"],
     "evaluate": ["evaluate"],
+    "promote": ["tracking", "promote"],
+    "sweep": ["seed", "labnet", "train", "imgnet", "evaluate"],
+    "map_table": ["sweep"],
 }
 
 
@@ -69,6 +73,17 @@ class Layout:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def promote(self) -> Path:
+        return self.root / "promote"
+
+    def sweep(self, bits: int) -> Path:
+        return self.root / "sweep" / str(bits)
+
+    @property
+    def table(self) -> Path:
+        return self.root / "table"
 
 
 def code_version() -> str:
@@ -134,6 +149,10 @@ def prepare(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
         manifest = write_prepared(src, cfg.data, cfg.seed, tmp, progress)
         dump_config(cfg, tmp / CONFIG)
     log.info("prepared %s: %s", out_dir, manifest["sizes"])
+    with tracking.step_run(cfg, "prepare", manifest["dataset_sha256"]) as tr:
+        if tr is not None:
+            tr.log_metrics(manifest["sizes"], "data.")
+            tr.log_artifacts(Path(out_dir) / MANIFEST, "data")
     return manifest
 
 
@@ -167,71 +186,78 @@ def train_labnet(
             f"round {round_index} of train_labnet needs the LabNet and ImgNet outputs of round {round_index - 1}"
         )
     data = PreparedData(data_dir)
-    device = train.resolve_device(cfg.train.device)
-    seed = phase_seed(cfg.seed, "labnet", round_index)
-    train.set_determinism(seed, cfg.train.threads)
-    labels = torch.from_numpy(data.labels[data.train]).to(device)
-    n, bits = len(labels), cfg.bits
-    model = train.build_labnet(data.n_classes, bits, cfg.labnet).to(device)
-    optimizer = train.make_optimizer([{"params": list(model.parameters()), "lr": 1e-3}], cfg.train)
-    inputs = [data.sha256]
-    if round_index == 0:
-        g = torch.Generator().manual_seed(seed)
-        F_buf = torch.randn(n, 512, generator=g).to(device)
-        H_buf = torch.randn(n, bits, generator=g).to(device)
-    else:
-        prev = _load_model_file(Path(prev_labnet), "labnet")
-        _check_compatible(prev, cfg, data, prev_labnet)
-        model.load_state_dict(prev["state_dict"])
-        optimizer.load_state_dict(prev["optimizer"])
-        with np.load(Path(prev_imgnet) / TRAIN_OUTPUTS) as z:
-            F_buf = torch.from_numpy(z["F"]).float().to(device)
-            H_buf = torch.from_numpy(z["B"]).float().to(device)
-        if F_buf.shape != (n, 512) or H_buf.shape != (n, bits):
-            raise DsehError(f"{prev_imgnet}: ImgNet outputs do not match {n} training items at {bits} bits")
-        inputs += [_file_sha(Path(prev_labnet) / MODEL), _file_sha(Path(prev_imgnet) / TRAIN_OUTPUTS)]
-    epochs = epochs_for_round(cfg.labnet.epochs, round_index)
-    phase = train.labnet_phase(model, optimizer, labels, F_buf, H_buf, cfg.labnet, cfg.train, round_index, epochs, seed)
-    out = Path(out_dir)
-    fp = _fingerprint("train_labnet", round_index, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, bits, inputs)
-    ckpt = _checkpoint_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
-    F_lab, H_lab = train.encode_labels(model, labels)
-    B_lab = sign(H_lab.cpu().numpy())
-    summary = {
-        "round": round_index,
-        "epochs": epochs,
-        "distinct_codes": count_distinct(pack(B_lab)),
-        "distinct_label_sets": int(len(np.unique(data.labels[data.train], axis=0))),
-        "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
-    }
-    with atomic_dir(out) as tmp:
-        torch.save(
-            {
-                "kind": "labnet",
-                "state_dict": model.cpu().state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "config": to_dict(cfg),
-                "code_version": code_version(),
-                "n_classes": data.n_classes,
-                "bits": bits,
-                "round": round_index,
-                "dataset_sha256": data.sha256,
-            },
-            tmp / MODEL,
+    with tracking.step_run(cfg, "train_labnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
+        device = train.resolve_device(cfg.train.device)
+        seed = phase_seed(cfg.seed, "labnet", round_index)
+        train.set_determinism(seed, cfg.train.threads)
+        labels = torch.from_numpy(data.labels[data.train]).to(device)
+        n, bits = len(labels), cfg.bits
+        model = train.build_labnet(data.n_classes, bits, cfg.labnet).to(device)
+        optimizer = train.make_optimizer([{"params": list(model.parameters()), "lr": 1e-3}], cfg.train)
+        inputs = [data.sha256]
+        if round_index == 0:
+            g = torch.Generator().manual_seed(seed)
+            F_buf = torch.randn(n, 512, generator=g).to(device)
+            H_buf = torch.randn(n, bits, generator=g).to(device)
+        else:
+            prev = _load_model_file(Path(prev_labnet), "labnet")
+            _check_compatible(prev, cfg, data, prev_labnet)
+            model.load_state_dict(prev["state_dict"])
+            optimizer.load_state_dict(prev["optimizer"])
+            with np.load(Path(prev_imgnet) / TRAIN_OUTPUTS) as z:
+                F_buf = torch.from_numpy(z["F"]).float().to(device)
+                H_buf = torch.from_numpy(z["B"]).float().to(device)
+            if F_buf.shape != (n, 512) or H_buf.shape != (n, bits):
+                raise DsehError(f"{prev_imgnet}: ImgNet outputs do not match {n} training items at {bits} bits")
+            inputs += [_file_sha(Path(prev_labnet) / MODEL), _file_sha(Path(prev_imgnet) / TRAIN_OUTPUTS)]
+        epochs = epochs_for_round(cfg.labnet.epochs, round_index)
+        phase = train.labnet_phase(
+            model, optimizer, labels, F_buf, H_buf, cfg.labnet, cfg.train, round_index, epochs, seed
         )
-        np.savez(tmp / TARGETS, B=B_lab, F=F_lab.cpu().numpy().astype(np.float32), train=data.train)
-        _write_history(tmp, history)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-        dump_config(cfg, tmp / CONFIG)
-    ckpt.unlink(missing_ok=True)
-    log.info(
-        "LabNet round %d: %d distinct codes for %d label sets",
-        round_index,
-        summary["distinct_codes"],
-        summary["distinct_label_sets"],
-    )
+        out = Path(out_dir)
+        fp = _fingerprint("train_labnet", round_index, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, bits, inputs)
+        ckpt = _checkpoint_path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
+        F_lab, H_lab = train.encode_labels(model, labels)
+        B_lab = sign(H_lab.cpu().numpy())
+        summary = {
+            "round": round_index,
+            "epochs": epochs,
+            "distinct_codes": count_distinct(pack(B_lab)),
+            "distinct_label_sets": int(len(np.unique(data.labels[data.train], axis=0))),
+            "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
+        }
+        with atomic_dir(out) as tmp:
+            torch.save(
+                {
+                    "kind": "labnet",
+                    "state_dict": model.cpu().state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "config": to_dict(cfg),
+                    "code_version": code_version(),
+                    "n_classes": data.n_classes,
+                    "bits": bits,
+                    "round": round_index,
+                    "dataset_sha256": data.sha256,
+                },
+                tmp / MODEL,
+            )
+            np.savez(tmp / TARGETS, B=B_lab, F=F_lab.cpu().numpy().astype(np.float32), train=data.train)
+            _write_history(tmp, history)
+            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+            dump_config(cfg, tmp / CONFIG)
+        ckpt.unlink(missing_ok=True)
+        log.info(
+            "LabNet round %d: %d distinct codes for %d label sets",
+            round_index,
+            summary["distinct_codes"],
+            summary["distinct_label_sets"],
+        )
+        if tr is not None:
+            tr.log_history(history)
+            tr.log_metrics(summary)
+            tr.log_artifacts(out, "labnet")
     return summary
 
 
@@ -281,85 +307,92 @@ def train_imgnet(
     if round_index > 0 and prev_imgnet is None:
         raise DsehError(f"round {round_index} of train_imgnet needs the ImgNet output of round {round_index - 1}")
     data = PreparedData(data_dir)
-    lab_state = _load_model_file(Path(labnet_dir), "labnet")
-    _check_compatible(lab_state, cfg, data, labnet_dir)
-    device = train.resolve_device(cfg.train.device)
-    seed = phase_seed(cfg.seed, "imgnet", round_index)
-    train.set_determinism(seed, cfg.train.threads)
-    with np.load(Path(labnet_dir) / TARGETS) as z:
-        B_lab = torch.from_numpy(z["B"]).float().to(device)
-        F_lab = torch.from_numpy(z["F"]).float().to(device)
-    image_size = int(data.images.shape[1])
-    model = build_imgnet(cfg, image_size).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    epochs = epochs_for_round(cfg.imgnet.epochs, round_index)
-    base = train.lr_for_epoch(cfg.imgnet.lr_exp, cfg.train.step_exp, cfg.train.step_epochs, 0, round_index)
-    groups, mults = train.imgnet_param_groups(model, base, cfg.imgnet.backbone_lr_mult)
-    optimizer = train.make_optimizer(groups, cfg.train)
-    inputs = [data.sha256, _file_sha(Path(labnet_dir) / TARGETS)]
-    if round_index > 0:
-        prev = _load_model_file(Path(prev_imgnet), "imgnet")
-        _check_compatible(prev, cfg, data, prev_imgnet)
-        model.load_state_dict(prev["state_dict"])
-        optimizer.load_state_dict(prev["optimizer"])
-        inputs.append(_file_sha(Path(prev_imgnet) / MODEL))
-    labels = torch.from_numpy(data.labels[data.train]).to(device)
-    phase = train.imgnet_phase(
-        model,
-        optimizer,
-        mults,
-        data.images,
-        data.train,
-        labels,
-        B_lab,
-        F_lab,
-        cfg.imgnet,
-        cfg.train,
-        round_index,
-        epochs,
-        seed,
-        device,
-    )
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint("train_imgnet", round_index, to_dict(cfg.imgnet), to_dict(cfg.train), cfg.seed, cfg.bits, inputs)
-    ckpt = _checkpoint_path(out)
-    history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
-    all_items = np.arange(len(data.labels))
-    f_all, u_all = train.encode_images(
-        model, data.images, all_items, cfg.imgnet.encode_batch_size, device, cfg.train.amp, progress
-    )
-    train.finite_or_raise("ImgNet outputs", u_all)
-    codes = pack(u_all)
-    summary = {
-        "round": round_index,
-        "epochs": epochs,
-        "distinct_codes_database": count_distinct(codes[data.database]),
-        "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
-    }
-    with atomic_dir(out) as tmp:
-        torch.save(
-            {
-                "kind": "imgnet",
-                "state_dict": model.cpu().state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "config": to_dict(cfg),
-                "code_version": code_version(),
-                "n_classes": data.n_classes,
-                "bits": cfg.bits,
-                "image_size": image_size,
-                "round": round_index,
-                "dataset_sha256": data.sha256,
-            },
-            tmp / MODEL,
+    with tracking.step_run(cfg, "train_imgnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
+        lab_state = _load_model_file(Path(labnet_dir), "labnet")
+        _check_compatible(lab_state, cfg, data, labnet_dir)
+        device = train.resolve_device(cfg.train.device)
+        seed = phase_seed(cfg.seed, "imgnet", round_index)
+        train.set_determinism(seed, cfg.train.threads)
+        with np.load(Path(labnet_dir) / TARGETS) as z:
+            B_lab = torch.from_numpy(z["B"]).float().to(device)
+            F_lab = torch.from_numpy(z["F"]).float().to(device)
+        image_size = int(data.images.shape[1])
+        model = build_imgnet(cfg, image_size).to(device)
+        if device.type == "cuda" and cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        epochs = epochs_for_round(cfg.imgnet.epochs, round_index)
+        base = train.lr_for_epoch(cfg.imgnet.lr_exp, cfg.train.step_exp, cfg.train.step_epochs, 0, round_index)
+        groups, mults = train.imgnet_param_groups(model, base, cfg.imgnet.backbone_lr_mult)
+        optimizer = train.make_optimizer(groups, cfg.train)
+        inputs = [data.sha256, _file_sha(Path(labnet_dir) / TARGETS)]
+        if round_index > 0:
+            prev = _load_model_file(Path(prev_imgnet), "imgnet")
+            _check_compatible(prev, cfg, data, prev_imgnet)
+            model.load_state_dict(prev["state_dict"])
+            optimizer.load_state_dict(prev["optimizer"])
+            inputs.append(_file_sha(Path(prev_imgnet) / MODEL))
+        labels = torch.from_numpy(data.labels[data.train]).to(device)
+        phase = train.imgnet_phase(
+            model,
+            optimizer,
+            mults,
+            data.images,
+            data.train,
+            labels,
+            B_lab,
+            F_lab,
+            cfg.imgnet,
+            cfg.train,
+            round_index,
+            epochs,
+            seed,
+            device,
         )
-        np.save(tmp / CODES, codes)
-        np.savez(tmp / TRAIN_OUTPUTS, B=sign(u_all[data.train]), F=f_all[data.train].astype(np.float32))
-        _write_history(tmp, history)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-        dump_config(cfg, tmp / CONFIG)
-    ckpt.unlink(missing_ok=True)
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fp = _fingerprint(
+            "train_imgnet", round_index, to_dict(cfg.imgnet), to_dict(cfg.train), cfg.seed, cfg.bits, inputs
+        )
+        ckpt = _checkpoint_path(out)
+        history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
+        all_items = np.arange(len(data.labels))
+        f_all, u_all = train.encode_images(
+            model, data.images, all_items, cfg.imgnet.encode_batch_size, device, cfg.train.amp, progress
+        )
+        train.finite_or_raise("ImgNet outputs", u_all)
+        codes = pack(u_all)
+        summary = {
+            "round": round_index,
+            "epochs": epochs,
+            "distinct_codes_database": count_distinct(codes[data.database]),
+            "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
+        }
+        with atomic_dir(out) as tmp:
+            torch.save(
+                {
+                    "kind": "imgnet",
+                    "state_dict": model.cpu().state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "config": to_dict(cfg),
+                    "code_version": code_version(),
+                    "n_classes": data.n_classes,
+                    "bits": cfg.bits,
+                    "image_size": image_size,
+                    "round": round_index,
+                    "dataset_sha256": data.sha256,
+                },
+                tmp / MODEL,
+            )
+            np.save(tmp / CODES, codes)
+            np.savez(tmp / TRAIN_OUTPUTS, B=sign(u_all[data.train]), F=f_all[data.train].astype(np.float32))
+            _write_history(tmp, history)
+            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+            dump_config(cfg, tmp / CONFIG)
+        ckpt.unlink(missing_ok=True)
+        if tr is not None:
+            tr.log_history(history)
+            tr.log_metrics(summary)
+            tr.log_artifacts(out, "imgnet")
     return summary
 
 
@@ -379,91 +412,253 @@ def evaluate(
     from dseh import evaluation, report
 
     data = PreparedData(data_dir)
-    img_state = _load_model_file(Path(imgnet_dir), "imgnet")
-    expected_round = cfg.train.rounds - 1
-    if img_state["round"] != expected_round:
-        raise DsehError(
-            f"{imgnet_dir} is round {img_state['round']} but train.rounds={cfg.train.rounds}: the pipeline "
-            "has stages for another number of rounds; regenerate dvc.yaml with `dseh dvc-yaml`"
+    with tracking.step_run(cfg, "evaluate", data.sha256) as tr:
+        img_state = _load_model_file(Path(imgnet_dir), "imgnet")
+        expected_round = cfg.train.rounds - 1
+        if img_state["round"] != expected_round:
+            raise DsehError(
+                f"{imgnet_dir} is round {img_state['round']} but train.rounds={cfg.train.rounds}: the pipeline "
+                "has stages for another number of rounds; regenerate dvc.yaml with `dseh dvc-yaml`"
+            )
+        if img_state.get("dataset_sha256") != data.sha256:
+            raise DsehError(f"{imgnet_dir} was trained on another prepared dataset than {data_dir}")
+        bits = img_state["bits"]
+        codes = np.load(Path(imgnet_dir) / CODES)
+        if codes.shape != (len(data.labels), (bits + 7) // 8):
+            raise DsehError(
+                f"{imgnet_dir}/{CODES} has shape {codes.shape}, expected ({len(data.labels)}, {(bits + 7) // 8})"
+            )
+        ev = cfg.evaluate
+        rep = evaluation.retrieval_report(
+            codes[data.query],
+            codes[data.database],
+            data.labels[data.query],
+            data.labels[data.database],
+            bits,
+            ev.topk,
+            ev.precision_at,
+            ev.query_chunk,
         )
+        labnet, _ = load_labnet(labnet_dir)
+        _, h_q = train.encode_labels(labnet, torch.from_numpy(data.labels[data.query]))
+        _, h_db = train.encode_labels(labnet, torch.from_numpy(data.labels[data.database]))
+        lab_rep = evaluation.retrieval_report(
+            pack(h_q.numpy()),
+            pack(h_db.numpy()),
+            data.labels[data.query],
+            data.labels[data.database],
+            bits,
+            ev.topk,
+            (ev.topk,),
+            ev.query_chunk,
+        )
+        with np.load(Path(labnet_dir) / TARGETS) as z:
+            lab_codes = z["B"]
+            lab_feats = z["F"]
+        with np.load(Path(imgnet_dir) / TRAIN_OUTPUTS) as z:
+            img_feats = z["F"]
+        n_max = max(rep.precision_at)
+        metrics = {
+            "bits": bits,
+            "protocol_topk": rep.topk,
+            "map_all": rep.map_all,
+            f"map_at_{rep.topk}": rep.map_topk,
+            "map_tie_aware": rep.map_tie_aware,
+            f"precision_radius_{ev.radius}": rep.precision_within(ev.radius),
+            f"precision_at_{n_max}": rep.precision_at[n_max],
+            f"recall_at_{n_max}": rep.recall_at[n_max],
+            "queries": int(len(data.query)),
+            "database": int(len(data.database)),
+            "queries_without_relevant": rep.queries_without_relevant,
+            "distinct_codes_database": count_distinct(codes[data.database]),
+            "constant_bits_database": constant_bits(codes[data.database], bits),
+            "labnet": {
+                "label_map_all": lab_rep.map_all,
+                f"label_map_at_{rep.topk}": lab_rep.map_topk,
+                "distinct_codes_train": count_distinct(pack(lab_codes)),
+                "distinct_label_sets_train": int(len(np.unique(data.labels[data.train], axis=0))),
+            },
+        }
+        if metrics["distinct_codes_database"] == 1 or metrics["constant_bits_database"]:
+            log.warning(
+                "codes collapsed: %d distinct database codes, %d constant bits",
+                metrics["distinct_codes_database"],
+                metrics["constant_bits_database"],
+            )
+        with atomic_dir(out_dir) as tmp:
+            (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
+            with open(tmp / PR_CURVE, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["radius", "precision", "recall"])
+                for r, (p, rc) in enumerate(zip(rep.pr_precision, rep.pr_recall)):
+                    w.writerow([r, f"{p:.6f}", f"{rc:.6f}"])
+            with open(tmp / PRECISION_AT, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["n", "precision", "recall"])
+                for n in rep.precision_at:
+                    w.writerow([n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"])
+            rng = np.random.default_rng(cfg.seed)
+            sample = np.sort(rng.choice(len(lab_feats), size=min(ev.heatmap_items, len(lab_feats)), replace=False))
+            figs = report.make_figures(rep, lab_feats[sample], img_feats[sample], tmp / FIGURES)
+            report.write_html(tmp / REPORT, metrics, rep.precision_at, rep.recall_at, figs, to_dict(cfg))
+            dump_config(cfg, tmp / CONFIG)
+        log.info(
+            "mAP@ALL %.4f, mAP@%d %.4f, LabNet label mAP@ALL %.4f", rep.map_all, rep.topk, rep.map_topk, lab_rep.map_all
+        )
+        if tr is not None:
+            tr.log_metrics(metrics)
+            tr.log_artifacts(out_dir, "eval")
+    return metrics
+
+
+# --------------------------------------------------------------------------- promote
+
+
+def promote(
+    cfg: Config,
+    data_dir: str | Path,
+    imgnet_dir: str | Path,
+    eval_dir: str | Path,
+    out_dir: str | Path | None,
+    dry_run: bool = False,
+) -> dict:
+    """Register the evaluated ImgNet model as a new version of tracking.registered_model, alias it
+    `challenger`, and move `champion` to it only if its metric (same metric, protocol and dataset)
+    beats the champion's by at least promote.min_delta, or if there is no champion. Every decision
+    is recorded as version tags. With dry_run nothing is written anywhere."""
+    data = PreparedData(data_dir)
+    metrics_file = Path(eval_dir) / METRICS
+    if not metrics_file.is_file():
+        raise DsehError(f"{metrics_file} does not exist: run `dseh evaluate` first")
+    metrics = json.loads(metrics_file.read_text())
+    name = cfg.promote.metric
+    value = metrics.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        numeric = [k for k, v in metrics.items() if isinstance(v, (int, float))]
+        raise DsehError(
+            f"params key 'promote.metric': '{name}' is not a metric of {metrics_file}; choose one of {', '.join(numeric)}"
+        )
+    img_state = _load_model_file(Path(imgnet_dir), "imgnet")
     if img_state.get("dataset_sha256") != data.sha256:
         raise DsehError(f"{imgnet_dir} was trained on another prepared dataset than {data_dir}")
-    bits = img_state["bits"]
-    codes = np.load(Path(imgnet_dir) / CODES)
-    if codes.shape != (len(data.labels), (bits + 7) // 8):
-        raise DsehError(
-            f"{imgnet_dir}/{CODES} has shape {codes.shape}, expected ({len(data.labels)}, {(bits + 7) // 8})"
-        )
-    ev = cfg.evaluate
-    rep = evaluation.retrieval_report(
-        codes[data.query],
-        codes[data.database],
-        data.labels[data.query],
-        data.labels[data.database],
-        bits,
-        ev.topk,
-        ev.precision_at,
-        ev.query_chunk,
-    )
-    labnet, _ = load_labnet(labnet_dir)
-    _, h_q = train.encode_labels(labnet, torch.from_numpy(data.labels[data.query]))
-    _, h_db = train.encode_labels(labnet, torch.from_numpy(data.labels[data.database]))
-    lab_rep = evaluation.retrieval_report(
-        pack(h_q.numpy()),
-        pack(h_db.numpy()),
-        data.labels[data.query],
-        data.labels[data.database],
-        bits,
-        ev.topk,
-        (ev.topk,),
-        ev.query_chunk,
-    )
-    with np.load(Path(labnet_dir) / TARGETS) as z:
-        lab_codes = z["B"]
-        lab_feats = z["F"]
-    with np.load(Path(imgnet_dir) / TRAIN_OUTPUTS) as z:
-        img_feats = z["F"]
-    metrics = {
-        "bits": bits,
-        "protocol_topk": rep.topk,
-        "map_all": rep.map_all,
-        f"map_at_{rep.topk}": rep.map_topk,
-        "map_tie_aware": rep.map_tie_aware,
-        f"precision_radius_{ev.radius}": rep.precision_within(ev.radius),
-        "precision_at": {str(k): v for k, v in rep.precision_at.items()},
-        "recall_at": {str(k): v for k, v in rep.recall_at.items()},
-        "queries": int(len(data.query)),
-        "database": int(len(data.database)),
-        "queries_without_relevant": rep.queries_without_relevant,
-        "distinct_codes_database": count_distinct(codes[data.database]),
-        "labnet": {
-            "label_map_all": lab_rep.map_all,
-            f"label_map_at_{rep.topk}": lab_rep.map_topk,
-            "distinct_codes_train": count_distinct(pack(lab_codes)),
-            "distinct_label_sets_train": int(len(np.unique(data.labels[data.train], axis=0))),
-        },
-        "dataset_sha256": data.sha256,
-        "definitions": "relevant = shares a label; ranking by Hamming distance, ties by database index; "
-        "AP normalised by relevant items retrieved within K; queries without relevant items count 0",
+    tags = {
+        "dseh.metric": name,
+        "dseh.metric_value": repr(float(value)),
+        "dseh.protocol": f"top{metrics['protocol_topk']}/{metrics['bits']}bits/{len(data.query)}q/{len(data.database)}db",
+        "dseh.dataset_sha256": data.sha256,
+        "dseh.code_version": str(img_state.get("code_version")),
     }
-    with atomic_dir(out_dir) as tmp:
-        (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
-        with open(tmp / PR_CURVE, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["radius", "precision", "recall"])
-            for r, (p, rc) in enumerate(zip(rep.pr_precision, rep.pr_recall)):
-                w.writerow([r, f"{p:.6f}", f"{rc:.6f}"])
-        with open(tmp / PRECISION_AT, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["n", "precision", "recall"])
-            for n in rep.precision_at:
-                w.writerow([n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"])
-        rng = np.random.default_rng(cfg.seed)
-        sample = np.sort(rng.choice(len(lab_feats), size=min(ev.heatmap_items, len(lab_feats)), replace=False))
-        figs = report.make_figures(rep, lab_feats[sample], img_feats[sample], tmp / FIGURES)
-        report.write_html(tmp / REPORT, metrics, figs, to_dict(cfg))
-        dump_config(cfg, tmp / CONFIG)
-    log.info(
-        "mAP@ALL %.4f, mAP@%d %.4f, LabNet label mAP@ALL %.4f", rep.map_all, rep.topk, rep.map_topk, lab_rep.map_all
+    reg = cfg.tracking.registered_model
+    decision: dict = {"registered_model": reg, "metric": name, "value": float(value)}
+    if not cfg.tracking.enabled:
+        decision.update(decision="skipped", reason="tracking.enabled is false")
+    elif dry_run:
+        import mlflow
+
+        tracking.check_server(tracking.tracking_uri(), cfg.tracking.timeout_s)
+        champ = tracking.current_champion(mlflow.MlflowClient(tracking.tracking_uri()), reg)
+        ok, reason = tracking.decide(float(value), tags, champ, cfg.promote.min_delta)
+        decision.update(
+            decision="would promote" if ok else "would keep the champion",
+            reason=reason,
+            champion_version=getattr(champ, "version", None),
+            dry_run=True,
+        )
+    else:
+        with tracking.step_run(cfg, "promote", data.sha256) as tr:
+            if tr is None:
+                decision.update(decision="skipped", reason="tracking server unreachable and tracking.required is false")
+            else:
+                decision.update(_register_and_promote(cfg, data, imgnet_dir, img_state, float(value), tags))
+                tr.log_metrics({"candidate_" + name: float(value)})
+    if out_dir is not None and not dry_run:
+        with atomic_dir(out_dir) as tmp:
+            (tmp / "decision.json").write_text(json.dumps(decision, indent=2))
+    log.info("promote: %s (%s)", decision["decision"], decision.get("reason"))
+    return decision
+
+
+def _register_and_promote(
+    cfg: Config, data: PreparedData, imgnet_dir, img_state: dict, value: float, tags: dict
+) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    reg = cfg.tracking.registered_model
+    model, _ = load_imgnet(imgnet_dir)
+    example = np.asarray(data.images[np.sort(data.query[:2])])
+    info = tracking.log_imgnet_model(
+        model, int(img_state["image_size"]), int(img_state["bits"]), cfg.imgnet.encode_batch_size, example
     )
-    return metrics
+    version = mlflow.register_model(info.model_uri, reg, tags=tags).version
+    client.set_registered_model_alias(reg, tracking.CHALLENGER, version)
+    champ = tracking.current_champion(client, reg)
+    ok, reason = tracking.decide(value, tags, champ, cfg.promote.min_delta)
+    champ_metric = tracking._version_metric(champ) if champ is not None else None
+    client.set_model_version_tag(reg, version, "dseh.decision", "promoted" if ok else "kept champion")
+    client.set_model_version_tag(reg, version, "dseh.reason", reason)
+    client.set_model_version_tag(reg, version, "dseh.champion_metric", repr(champ_metric))
+    if ok:
+        client.set_model_version_tag(reg, version, "dseh.promoted", "true")
+        client.set_registered_model_alias(reg, tracking.CHAMPION, version)
+    tracking.settle_champion(client, reg)
+    final = tracking.current_champion(client, reg)
+    return {
+        "decision": "promoted" if ok else "kept the champion",
+        "reason": reason,
+        "version": version,
+        "previous_champion_metric": champ_metric,
+        "champion_version": getattr(final, "version", None),
+        "model_uri": f"models:/{reg}@{tracking.CHAMPION}",
+    }
+
+
+# --------------------------------------------------------------------------- code-length sweep
+
+
+def sweep_bits(cfg: Config, data_dir: str | Path, bits: int, out_root: str | Path, progress: bool = True) -> dict:
+    """Train every round and evaluate at one code length (a column of the paper's Table 1)."""
+    import dataclasses
+
+    c = dataclasses.replace(cfg, bits=bits)
+    lay = Layout(Path(out_root))
+    for r in range(c.train.rounds):
+        prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
+        train_labnet(c, data_dir, r, lay.labnet(r), prev_l, prev_i, progress)
+        train_imgnet(c, data_dir, r, lay.labnet(r), lay.imgnet(r), prev_i, progress)
+    last = c.train.rounds - 1
+    return evaluate(c, data_dir, lay.labnet(last), lay.imgnet(last), lay.eval, progress)
+
+
+def map_table(cfg: Config, sweep_root: str | Path, out_dir: str | Path) -> list[dict]:
+    """Collect the sweep's metrics into map_table.csv and map_table.md (mAP by code length)."""
+    rows = []
+    for bits in cfg.sweep.bits:
+        f = Path(sweep_root) / str(bits) / "eval" / METRICS
+        if not f.is_file():
+            raise DsehError(f"{f} does not exist: run the sweep stage for {bits} bits first")
+        m = json.loads(f.read_text())
+        k = m["protocol_topk"]
+        rows.append(
+            {
+                "bits": bits,
+                "map_all": m["map_all"],
+                f"map_at_{k}": m[f"map_at_{k}"],
+                "map_tie_aware": m["map_tie_aware"],
+                "labnet_distinct_codes": m["labnet"]["distinct_codes_train"],
+                "distinct_label_sets": m["labnet"]["distinct_label_sets_train"],
+            }
+        )
+    keys = list(rows[0])
+    with atomic_dir(out_dir) as tmp:
+        with open(tmp / "map_table.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += [
+            "| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+            for r in rows
+        ]
+        (tmp / "map_table.md").write_text("\n".join(lines) + "\n")
+    return rows

@@ -12,11 +12,12 @@ fi
 echo "setting up .venv (pinned by constraints.txt; a few minutes the first time)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-set +o pipefail
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v -e "is ignored: it is neither a file nor a directory" -e BuildBackendWarning
-status=${PIPESTATUS[0]}
-set -o pipefail
-[ "$status" -eq 0 ] || { echo "pip install failed (exit $status)" >&2; exit "$status"; }
+log=.venv/pip-install.log
+if ! .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' >"$log" 2>&1; then
+  grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -40 >&2
+  echo "pip install failed; full log in $log" >&2
+  exit 1
+fi
 # `.venv/bin/dvc repro` runs each stage's `dseh ...` command through the shell: put .venv/bin first
 # on PATH for any process this environment's Python starts, so that works without activating.
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

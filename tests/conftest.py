@@ -27,6 +27,14 @@ TINY = {
     "imgnet": {"batch_size": 64, "epochs": [2], "encode_batch_size": 256},
     "train": {"rounds": 1, "threads": 1, "loader_workers": 1},
     "evaluate": {"topk": 100, "precision_at": [10, 50, 100], "heatmap_items": 20},
+    "tracking": {"enabled": False},
+}
+# enough LabNet steps (~400) for codes to form on 200 training items; still seconds
+LEARNING = {
+    "bits": 32,
+    "labnet": {"epochs": [30], "batch_size": 16, "hidden": 512},
+    "train": {"step_epochs": 100},
+    "imgnet": {"epochs": [6], "batch_size": 32, "lr_exp": 3.5},
 }
 
 
@@ -157,7 +165,8 @@ def s3_server(tmp_path_factory):
             "-s3",
             f"-s3.port={s3}",
             "-metricsPort=0",
-            "-volume.max=5",
+            "-volume.max=100",
+            "-master.volumeSizeLimitMB=32",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -189,3 +198,66 @@ def s3_env(s3_server, monkeypatch):
     storage._local.__dict__.clear()  # fresh boto3 clients with this environment
     yield s3_server
     storage._local.__dict__.clear()
+
+
+class MlflowServer:
+    def __init__(self, uri: str, proc: subprocess.Popen, bucket: str):
+        self.uri = uri
+        self.proc = proc
+        self.bucket = bucket
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, artifacts proxied to SeaweedFS) on a free port."""
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    bucket = "dseh-mlflow"
+    s3_server.client().create_bucket(Bucket=bucket)
+    port = free_port()
+    env = {
+        **os.environ,
+        **s3_server.env(),
+        "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            f"s3://{bucket}/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=root,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield MlflowServer(uri, proc, bucket)
+    finally:
+        stop_pid(proc, grace=5)
+        log.close()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dseh.cli import main
-from tests.conftest import REPO, tiny_raw
+from tests.conftest import LEARNING, REPO, tiny_raw
 
 
 @pytest.fixture(scope="module")
@@ -19,16 +19,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     params = root / "params.yaml"
     # enough LabNet steps (~400) for codes to form on 200 training items; still seconds
-    params.write_text(
-        yaml.safe_dump(
-            tiny_raw(
-                bits=32,
-                labnet={"epochs": [30], "batch_size": 16, "hidden": 512},
-                train={"step_epochs": 100},
-                imgnet={"epochs": [6], "batch_size": 32, "lr_exp": 3.5},
-            )
-        )
-    )
+    params.write_text(yaml.safe_dump(tiny_raw(**LEARNING)))
     args = ["--params", str(params), "--root", str(root / "outputs"), "-q"]
     for cmd in (["prepare"], ["train-labnet"], ["train-imgnet"], ["evaluate"]):
         assert main(cmd + args) == 0, cmd
@@ -55,7 +46,7 @@ def test_outputs_of_every_step(run):
     ]:
         assert (out / path).is_file(), path
     m = json.loads((out / "eval/metrics.json").read_text())
-    for key in ("map_all", "map_at_100", "map_tie_aware", "precision_radius_2", "precision_at", "labnet"):
+    for key in ("map_all", "map_at_100", "map_tie_aware", "precision_radius_2", "precision_at_100", "labnet"):
         assert key in m
     labels = np.load(out / "data/labels.npy")
     q, db = np.load(out / "data/query.npy"), np.load(out / "data/database.npy")
@@ -194,9 +185,14 @@ def test_dvc_yaml_declares_every_round(tmp_path):
         "train_labnet_r2",
         "train_imgnet_r2",
         "evaluate",
+        "promote",
+        "sweep",
+        "map_table",
     ]
     assert "outputs/imgnet/round1/train_outputs.npz" in stages["train_labnet_r2"]["deps"]
     assert "weights/vgg-f.mat" in stages["train_imgnet_r0"]["deps"]
     assert "outputs/imgnet/round2/codes.npy" in stages["evaluate"]["deps"]
     for name, s in stages.items():
-        assert "dseh" in s["deps"], name
+        assert "dseh" in s.get("deps", s.get("do", {}).get("deps")), name
+    assert stages["sweep"]["foreach"] == [16, 32, 48, 64]
+    assert "weights/vgg-f.mat" in stages["sweep"]["do"]["deps"]
