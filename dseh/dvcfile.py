@@ -28,12 +28,29 @@ HEADER = """\
 """
 
 
+def source_deps(cfg: Config) -> list[str]:
+    """Local inputs of `prepare` (a DVC-tracked image folder, list or HDF5 files): a changed image
+    reruns prepare and everything after it. S3 sources are brought in with `dvc import-url`."""
+    d = cfg.data
+    if d.source == "list-files":
+        lists = [
+            f"{d.list_dir.rstrip('/')}/{name}" if d.list_dir else name
+            for name in (d.train_list, d.query_list, d.database_list)
+        ]
+        paths = [d.image_root] + lists
+    elif d.source == "hdf5":
+        paths = [d.image_root, d.img_h5, d.lab_h5]
+    else:
+        paths = []
+    return [p for p in dict.fromkeys(paths) if p and not p.startswith("s3://")]
+
+
 def render(cfg: Config, layout: Layout = Layout()) -> str:
     lib = "dseh"
     stages: dict = {}
     stages["prepare"] = {
         "cmd": "dseh prepare -q",
-        "deps": [lib],
+        "deps": [lib] + source_deps(cfg),
         "params": STAGE_PARAMS["prepare"],
         "outs": [str(layout.data)],
     }
