@@ -85,6 +85,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, schedule, run-local")
+    psub = p.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("compile", "write the pipeline's IR YAML"),
+        ("submit", "create a run on a cluster"),
+        ("schedule", "create a recurring run"),
+        ("run-local", "run the whole pipeline here (kfp.local)"),
+    ):
+        a = psub.add_parser(action, help=text)
+        a.add_argument(
+            "--params", default="params.yaml", help="params baked in as the default of the `params` parameter"
+        )
+        a.add_argument("--rounds", type=int, help="rounds to unroll (default: train.rounds)")
+        a.add_argument("--gpus", type=int, default=1, help="GPUs per training/evaluation step")
+        a.add_argument("--cpu-limit", default="8")
+        a.add_argument("--memory-limit", default="32G")
+        a.add_argument("--pvc", default="", help="PersistentVolumeClaim mounted at /data")
+        a.add_argument("--enable-caching", action="store_true", help="reuse steps for the same data_version and config")
+        if action == "compile":
+            a.add_argument("-o", "--output", default="dseh_pipeline.yaml")
+        else:
+            a.add_argument(
+                "-S",
+                "--set",
+                dest="overrides",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="a pipeline parameter (bits=64, data_version=v3) or any params key (labnet.beta=0.02)",
+            )
+        if action in ("submit", "schedule"):
+            a.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+            a.add_argument("--experiment", default="dseh")
+            a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the KFP API to answer")
+        if action == "submit":
+            a.add_argument("--wait", action="store_true", help="wait for the run to finish")
+            a.add_argument("--run-name")
+        if action == "schedule":
+            a.add_argument("--cron", required=True, help="KFP cron expression with seconds, e.g. '0 0 3 * * *'")
+            a.add_argument("--name", default="dseh-scheduled")
+
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml for the rounds in params (stage contracts from dseh.stages)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-o", "--output", default="dvc.yaml")
@@ -108,6 +149,54 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         out.write_text(text)
         print(f"wrote {out} ({cfg.train.rounds} rounds)")
+        return 0
+    if args.command == "pipeline":
+        from dseh import kfp_cli
+
+        kw = {
+            "rounds": args.rounds,
+            "gpus": args.gpus,
+            "cpu_limit": args.cpu_limit,
+            "memory_limit": args.memory_limit,
+            "pvc_name": args.pvc,
+            "enable_caching": args.enable_caching,
+        }
+        if args.action == "compile":
+            print(f"wrote {kfp_cli.compile_pipeline(args.params, args.output, **kw)}")
+        elif args.action == "submit":
+            print(
+                json.dumps(
+                    kfp_cli.submit(
+                        args.host,
+                        args.params,
+                        args.experiment,
+                        args.overrides,
+                        args.wait,
+                        args.timeout,
+                        args.run_name,
+                        **kw,
+                    ),
+                    indent=2,
+                )
+            )
+        elif args.action == "schedule":
+            print(
+                json.dumps(
+                    kfp_cli.schedule(
+                        args.host,
+                        args.params,
+                        args.experiment,
+                        args.cron,
+                        args.overrides,
+                        args.timeout,
+                        args.name,
+                        **kw,
+                    ),
+                    indent=2,
+                )
+            )
+        else:
+            print(json.dumps(kfp_cli.run_local(args.params, args.overrides, **kw), indent=2))
         return 0
     if args.command == "search":
         from dseh.search import search

@@ -260,6 +260,15 @@ def from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def from_yaml_text(text: str, overrides: list[str] | None = None) -> Config:
+    """Build a Config from params YAML given as text (how Kubeflow steps receive it)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise DsehError(f"params text is not valid YAML ({exc})") from exc
+    return from_dict(raw, overrides)
+
+
 def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
     """Read params.yaml (a missing file means all defaults) and apply overrides."""
     p = Path(path)
@@ -343,6 +352,7 @@ __all__ = [
     "dump_config",
     "epochs_for_round",
     "from_dict",
+    "from_yaml_text",
     "load_config",
     "section_keys",
     "to_dict",

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import subprocess
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dseh.data import MANIFEST, PreparedData, open_source, write_prepared
 from dseh.errors import DsehError
 from dseh.models.backbones import create_backbone
 from dseh.models.nets import ImgNet, LabNet
-from dseh.storage import atomic_dir
+from dseh.storage import atomic_dir, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,13 @@ def _check_compatible(state: dict, cfg: Config, data: PreparedData, where) -> No
 
 
 def build_imgnet(cfg: Config, image_size: int) -> ImgNet:
-    backbone = create_backbone(cfg.imgnet.backbone, cfg.imgnet.weights, image_size, cfg.imgnet.dropout)
+    """ImgNet for cfg; pretrained weights from a local path or an s3:// URI (downloaded first)."""
+    with (
+        local_copy(cfg.imgnet.weights, cfg.data.s3_timeout_s, cfg.data.s3_retries)
+        if cfg.imgnet.weights
+        else nullcontext("") as w
+    ):
+        backbone = create_backbone(cfg.imgnet.backbone, w, image_size, cfg.imgnet.dropout)
     return ImgNet(backbone, cfg.bits, cfg.imgnet.hash_from)
 
 

@@ -1,0 +1,159 @@
+"""Kubeflow Pipelines components, one per step: thin wrappers that build the typed config and call
+one `dseh.stages` function. Every step runs on the project image (DSEH_IMAGE at compile time).
+
+Each component receives the resolved params as YAML text (`config`, from `resolve_config`) and the
+data version, which with the config forms the cache key: a step is reused only for the same data
+and the same configuration.
+"""
+
+import os
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+DEFAULT_IMAGE = "ghcr.io/your-org/dseh:0.1.0"
+IMAGE = os.environ.get("DSEH_IMAGE", DEFAULT_IMAGE)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def resolve_config(
+    params: str,
+    overrides: str,
+    data_version: str,
+    rounds: int,
+    source: str = "",
+    image_root: str = "",
+    list_dir: str = "",
+    img_h5: str = "",
+    lab_h5: str = "",
+    bits: int = 0,
+    labnet_epochs: str = "",
+    imgnet_epochs: str = "",
+    backbone: str = "",
+    weights: str = "",
+    registered_model: str = "",
+) -> str:
+    """params.yaml text + the typed pipeline parameters (empty or 0: keep params.yaml's value) +
+    whitespace-separated key=value overrides -> the validated, resolved params as YAML text."""
+    import yaml
+
+    from dseh.config import from_yaml_text, to_dict
+
+    typed = {
+        "data.source": source, "data.image_root": image_root, "data.list_dir": list_dir, "data.img_h5": img_h5,
+        "data.lab_h5": lab_h5, "bits": bits, "labnet.epochs": labnet_epochs, "imgnet.epochs": imgnet_epochs,
+        "imgnet.backbone": backbone, "imgnet.weights": weights, "tracking.registered_model": registered_model,
+    }  # fmt: skip
+    sets = [f"{k}={v}" for k, v in typed.items() if v not in ("", 0)] + overrides.split() + [f"train.rounds={rounds}"]
+    cfg = from_yaml_text(params, sets)
+    print(f"data version {data_version}; overrides {sets}")
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare(config: str, data_version: str, data: Output[Dataset]):
+    from dseh import stages
+    from dseh.config import from_yaml_text
+
+    manifest = stages.prepare(from_yaml_text(config), data.path, progress=False)
+    data.metadata.update(
+        {"dataset_sha256": manifest["dataset_sha256"], "data_version": data_version, **manifest["sizes"]}
+    )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_labnet(
+    config: str,
+    data_version: str,
+    round_index: int,
+    data: Input[Dataset],
+    labnet: Output[Model],
+    prev_labnet: Input[Model] = None,
+    prev_imgnet: Input[Model] = None,
+):
+    from dseh import stages
+    from dseh.config import from_yaml_text
+
+    summary = stages.train_labnet(
+        from_yaml_text(config), data.path, round_index, labnet.path,
+        prev_labnet.path if prev_labnet else None, prev_imgnet.path if prev_imgnet else None, progress=False,
+    )  # fmt: skip
+    labnet.metadata.update({"round": round_index, "distinct_codes": summary["distinct_codes"]})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_imgnet(
+    config: str,
+    data_version: str,
+    round_index: int,
+    data: Input[Dataset],
+    labnet: Input[Model],
+    imgnet: Output[Model],
+    prev_imgnet: Input[Model] = None,
+):
+    from dseh import stages
+    from dseh.config import from_yaml_text
+
+    summary = stages.train_imgnet(
+        from_yaml_text(config), data.path, round_index, labnet.path, imgnet.path,
+        prev_imgnet.path if prev_imgnet else None, progress=False,
+    )  # fmt: skip
+    imgnet.metadata.update({"round": round_index, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(
+    config: str,
+    data: Input[Dataset],
+    labnet: Input[Model],
+    imgnet: Input[Model],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    import shutil
+    from pathlib import Path
+
+    from dseh import stages
+    from dseh.config import from_yaml_text
+
+    values = stages.evaluate(
+        from_yaml_text(config), data.path, labnet.path, imgnet.path, evaluation.path, progress=False
+    )
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+    shutil.copyfile(Path(evaluation.path) / stages.REPORT, report.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote(
+    config: str, data: Input[Dataset], imgnet: Input[Model], evaluation: Input[Artifact], decision: Output[Markdown]
+):
+    from dseh import stages
+    from dseh.config import from_yaml_text
+
+    d = stages.promote(from_yaml_text(config), data.path, imgnet.path, evaluation.path, None)
+    with open(decision.path, "w") as f:
+        f.write("| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in d.items()))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def map_table(
+    config: str, data_version: str, data: Input[Dataset], table: Output[Markdown], table_csv: Output[Dataset]
+):
+    """Train and evaluate at every sweep.bits code length; the MAP table of the paper's Table 1."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from dseh import stages
+    from dseh.config import from_yaml_text
+
+    cfg = from_yaml_text(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in cfg.sweep.bits:
+            stages.sweep_bits(cfg, data.path, bits, Path(tmp) / "sweep" / str(bits), progress=False)
+        stages.map_table(cfg, Path(tmp) / "sweep", Path(tmp) / "table")
+        shutil.copyfile(Path(tmp) / "table" / "map_table.md", table.path)
+        shutil.copyfile(Path(tmp) / "table" / "map_table.csv", table_csv.path)

@@ -1,0 +1,108 @@
+"""The DSEH Kubeflow pipeline: resolve the config, prepare, the alternating rounds unrolled
+(LabNet r, ImgNet r), evaluate, promote, and the MAP table over code lengths. The pipeline only
+wires the components; compile-time options set the number of rounds and the cluster resources.
+"""
+
+from dataclasses import dataclass
+
+from kfp import dsl, kubernetes
+
+from components import dseh_components as c
+
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Compile-time choices: the DAG's shape and what each pod asks of the cluster."""
+
+    params_text: str  # params.yaml baked in as the default of the `params` parameter
+    rounds: int = 1
+    gpus: int = 1
+    gpu_type: str = "nvidia.com/gpu"
+    cpu_limit: str = "8"
+    memory_limit: str = "32G"
+    shm_size: str = "8Gi"
+    retries: int = 2
+    pvc_name: str = ""  # mount this PersistentVolumeClaim at /data in every data step (large image sets)
+    enable_caching: bool = False  # data steps reuse results for the same data_version and config only
+
+
+def build_pipeline(opts: PipelineOptions):
+    """The @dsl.pipeline function for these options."""
+
+    def gpu_step(task, gpu: bool = True):
+        task.set_cpu_limit(opts.cpu_limit).set_memory_limit(opts.memory_limit)
+        if gpu and opts.gpus > 0:
+            task.set_accelerator_type(opts.gpu_type).set_accelerator_limit(opts.gpus)
+        task.set_retry(
+            num_retries=opts.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s"
+        )
+        task.set_caching_options(opts.enable_caching)
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=opts.shm_size
+        )
+        if opts.pvc_name:
+            kubernetes.mount_pvc(task, pvc_name=opts.pvc_name, mount_path="/data")
+        return task
+
+    def secrets(task, s3_secret, mlflow_secret):
+        kubernetes.use_secret_as_env(
+            task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_KEYS}, optional=True
+        )
+        kubernetes.use_secret_as_env(
+            task, secret_name=mlflow_secret, secret_key_to_env={k: k for k in MLFLOW_KEYS}, optional=True
+        )
+        task.set_env_variable("DSEH_PIPELINE_RUN", dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        return task
+
+    @dsl.pipeline(name="dseh", description="Deep Joint Semantic-Embedding Hashing: train, evaluate, promote")
+    def dseh_pipeline(
+        params: str = opts.params_text,
+        overrides: str = "",
+        data_version: str = "unversioned",
+        source: str = "",
+        image_root: str = "",
+        list_dir: str = "",
+        img_h5: str = "",
+        lab_h5: str = "",
+        bits: int = 0,
+        labnet_epochs: str = "",
+        imgnet_epochs: str = "",
+        backbone: str = "",
+        weights: str = "",
+        registered_model: str = "",
+        s3_secret: str = "dseh-s3",
+        mlflow_secret: str = "dseh-mlflow",
+    ):
+        cfg = c.resolve_config(
+            params=params, overrides=overrides, data_version=data_version, rounds=opts.rounds, source=source,
+            image_root=image_root, list_dir=list_dir, img_h5=img_h5, lab_h5=lab_h5, bits=bits,
+            labnet_epochs=labnet_epochs, imgnet_epochs=imgnet_epochs, backbone=backbone, weights=weights,
+            registered_model=registered_model,
+        )  # fmt: skip
+        cfg.set_caching_options(False).set_display_name("resolve config")
+        config = cfg.output
+        prep = secrets(
+            gpu_step(c.prepare(config=config, data_version=data_version), gpu=False), s3_secret, mlflow_secret
+        )
+        data = prep.outputs["data"]
+        lab = img = None
+        for r in range(opts.rounds):
+            prev = {"prev_labnet": lab.outputs["labnet"], "prev_imgnet": img.outputs["imgnet"]} if r else {}
+            lab = c.train_labnet(config=config, data_version=data_version, round_index=r, data=data, **prev)
+            secrets(gpu_step(lab), s3_secret, mlflow_secret).set_display_name(f"train LabNet round {r}")
+            prev = {"prev_imgnet": img.outputs["imgnet"]} if r else {}
+            img = c.train_imgnet(
+                config=config, data_version=data_version, round_index=r, data=data, labnet=lab.outputs["labnet"], **prev
+            )
+            secrets(gpu_step(img), s3_secret, mlflow_secret).set_display_name(f"train ImgNet round {r}")
+        ev = c.evaluate(config=config, data=data, labnet=lab.outputs["labnet"], imgnet=img.outputs["imgnet"])
+        secrets(gpu_step(ev), s3_secret, mlflow_secret)
+        pro = c.promote(config=config, data=data, imgnet=img.outputs["imgnet"], evaluation=ev.outputs["evaluation"])
+        secrets(gpu_step(pro, gpu=False), s3_secret, mlflow_secret).set_caching_options(False)
+        table = c.map_table(config=config, data_version=data_version, data=data)
+        secrets(gpu_step(table), s3_secret, mlflow_secret).set_display_name("MAP table over code lengths")
+
+    return dseh_pipeline

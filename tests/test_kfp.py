@@ -1,0 +1,211 @@
+"""Kubeflow: the compiled IR YAML parsed back, a whole local run under kfp.local, and submit/schedule
+through a real kfp.Client against a local HTTP server that records the REST calls."""
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dseh import kfp_cli
+from dseh.cli import main
+from dseh.errors import DsehError
+from tests.conftest import REPO, free_port, tiny_raw
+from tests.kfp_fake import FakeKfp
+
+TRAINING = ("train-labnet", "train-imgnet", "evaluate", "map-table")
+
+
+def _compile(tmp_path, monkeypatch, *extra) -> dict:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-never-in-yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "another-s3cr3t")
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "--params", str(REPO / "params.yaml"), "-o", str(out), *extra]) == 0
+    text = out.read_text()
+    assert "s3cr3t" not in text
+    for local in (str(REPO), str(tmp_path), "/home/", "/root/"):
+        assert local not in text, local
+    docs = list(yaml.safe_load_all(text))
+    return {"text": text, "spec": docs[0], "platform": docs[1] if len(docs) > 1 else {}}
+
+
+def test_compiled_pipeline_requests_gpus_retries_secrets_and_shm(tmp_path, monkeypatch):
+    c = _compile(tmp_path, monkeypatch, "--rounds", "2", "--gpus", "2", "--pvc", "nus-wide-images")
+    spec, platform = c["spec"], c["platform"]
+    tasks = spec["root"]["dag"]["tasks"]
+    names = set(tasks)
+    assert {
+        "train-labnet",
+        "train-labnet-2",
+        "train-imgnet",
+        "train-imgnet-2",
+        "evaluate",
+        "promote",
+        "map-table",
+        "prepare",
+        "resolve-config",
+    } <= names
+    # round 1 consumes round 0's artifacts
+    lab1 = tasks["train-labnet-2"]["inputs"]["artifacts"]
+    assert lab1["prev_imgnet"]["taskOutputArtifact"]["producerTask"] == "train-imgnet"
+    executors = spec["deploymentSpec"]["executors"]
+    for task, body in tasks.items():
+        res = executors[body["componentRef"]["name"].replace("comp-", "exec-")]["container"].get("resources", {})
+        if task.rsplit("-", 1)[0] in TRAINING or task in TRAINING:
+            assert (
+                res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "2"
+            ), task
+            assert res["resourceCpuLimit"] == "8" and res["resourceMemoryLimit"] == "32G"
+            assert body["retryPolicy"]["maxRetryCount"] == 2
+        assert executors[body["componentRef"]["name"].replace("comp-", "exec-")]["container"]["image"].endswith(
+            "dseh:0.1.0"
+        )
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    lab = kube["exec-train-labnet"]
+    assert {e["secretNameParameter"]["componentInputParameter"] for e in lab["secretAsEnv"]} == {
+        "s3_secret",
+        "mlflow_secret",
+    }
+    keys = {k["envVar"] for e in lab["secretAsEnv"] for k in e["keyToEnv"]}
+    assert {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"} <= keys
+    assert lab["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and lab["emptyDirMounts"][0]["medium"] == "Memory"
+    assert lab["pvcMount"][0]["mountPath"] == "/data"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"bits", "data_version", "overrides", "weights", "backbone", "registered_model", "source"} <= set(params)
+    baked = json.loads(params["params"]["defaultValue"])
+    assert baked["bits"] == 32 and baked["labnet"]["batch_size"] == 32
+    # caching is off unless asked for; then it is keyed by data_version and the config inputs
+    assert tasks["train-labnet"]["cachingOptions"] == {} or not tasks["train-labnet"]["cachingOptions"].get(
+        "enableCache"
+    )
+
+
+def test_bad_params_fail_before_any_gpu_step(tmp_path):
+    from dseh.config import from_yaml_text
+
+    with pytest.raises(DsehError, match="labnet.bta"):
+        from_yaml_text(json.dumps({"labnet": {"bta": 1}}))
+
+
+def test_whole_pipeline_runs_locally(tmp_path, monkeypatch):
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = tiny_raw()
+    raw["sweep"] = {"bits": [8]}
+    for k, v in raw.items():
+        full[k] = {**full[k], **v} if isinstance(v, dict) else v
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full))
+    monkeypatch.chdir(tmp_path)
+    res = kfp_cli.run_local(
+        str(tmp_path / "params.yaml"), ["bits=16", "evaluate.topk=50"], root=str(tmp_path / "local_outputs")
+    )
+    run = Path(res["run_dir"])
+    assert {"prepare", "train-labnet", "train-imgnet", "evaluate", "promote", "map-table"} <= set(res["tasks"])
+    metrics = json.loads((run / "evaluate/executor_output.json").read_text())
+    art = metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert art["bits"] == 16 and art["protocol_topk"] == 50 and 0 <= art["map_all"] <= 1
+    html = (run / "evaluate/report").read_text()
+    assert 'id="map-table"' in html
+    assert (run / "train-imgnet/imgnet/model.pt").is_file() and (run / "train-imgnet/imgnet/codes.npy").is_file()
+    assert "| bits |" in (run / "map-table/table").read_text()
+    assert "skipped" in (run / "promote/decision").read_text()
+
+
+def test_submit_and_schedule_send_the_expected_requests(tmp_path, capsys):
+    with FakeKfp() as kfp:
+        args = [
+            "pipeline",
+            "submit",
+            "--host",
+            kfp.url,
+            "--params",
+            str(REPO / "params.yaml"),
+            "--experiment",
+            "nus",
+            "-S",
+            "bits=64",
+            "-S",
+            "data_version=abc123",
+            "-S",
+            "labnet.beta=0.02",
+            "--wait",
+        ]
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert '"run_id": "run-123"' in printed and "/#/runs/details/run-123" in printed
+        calls = [(r["method"], r["path"]) for r in kfp.requests]
+        assert ("POST", "/apis/v2beta1/experiments") in calls
+        assert ("POST", "/apis/v2beta1/pipelines/upload") in calls
+        run = next(r for r in kfp.requests if r["path"] == "/apis/v2beta1/runs" and r["method"] == "POST")
+        assert run["body"]["experiment_id"] == "exp-1"
+        assert run["body"]["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-2"}
+        assert run["body"]["runtime_config"]["parameters"] == {
+            "bits": 64,
+            "data_version": "abc123",
+            "overrides": "labnet.beta=0.02",
+        }
+        upload = next(r for r in kfp.requests if r["path"] == "/apis/v2beta1/pipelines/upload_version")
+        assert b"pipelineInfo" in upload["body"] and b"nvidia.com/gpu" in upload["body"]
+        assert ("GET", "/apis/v2beta1/runs/run-123") in calls  # --wait polled the run
+        n = len(kfp.requests)
+        assert (
+            main(
+                [
+                    "pipeline",
+                    "schedule",
+                    "--host",
+                    kfp.url,
+                    "--params",
+                    str(REPO / "params.yaml"),
+                    "--experiment",
+                    "nus",
+                    "--cron",
+                    "0 0 3 * * *",
+                    "-S",
+                    "data_version=nightly",
+                ]
+            )
+            == 0
+        )
+        rec = next(r for r in kfp.requests[n:] if r["path"] == "/apis/v2beta1/recurringruns")
+        assert rec["body"]["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+        assert rec["body"]["experiment_id"] == "exp-1"  # the existing experiment is reused
+        assert rec["body"]["runtime_config"]["parameters"] == {"data_version": "nightly"}
+        assert sum(1 for r in kfp.requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/experiments") == 1
+
+
+def test_refusing_or_silent_server_is_a_clear_error(capsys):
+    port = free_port()
+    assert (
+        main(["pipeline", "submit", "--host", f"http://127.0.0.1:{port}", "--params", str(REPO / "params.yaml")]) == 2
+    )
+    assert f"Kubeflow Pipelines at http://127.0.0.1:{port} is unreachable" in capsys.readouterr().err
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    conns = []
+    t = threading.Thread(target=lambda: conns.append(silent.accept()), daemon=True)
+    t.start()
+    host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        assert (
+            main(
+                [
+                    "pipeline",
+                    "schedule",
+                    "--host",
+                    host,
+                    "--cron",
+                    "0 * * * * *",
+                    "--timeout",
+                    "1",
+                    "--params",
+                    str(REPO / "params.yaml"),
+                ]
+            )
+            == 2
+        )
+        assert "unreachable" in capsys.readouterr().err
+    finally:
+        silent.close()
