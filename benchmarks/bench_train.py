@@ -2,7 +2,8 @@
 
 Runs the real ImgNet training step (forward, both losses, backward, clipping, Adam) on random
 uint8 images at each backbone's input size, after warm-up steps. CNN-F is built from a
-MatConvNet-layout file with random weights of the real shapes, written to a temp folder.
+MatConvNet-layout file with random weights of the real shapes (tests/matconvnet.py), written to a
+temp folder.
 
 Usage: .venv/bin/python benchmarks/bench_train.py [--backbones small,cnnf,alexnet,vgg16,resnet50]
        [--steps 5] [--batch 128] [--device auto]
@@ -25,76 +26,7 @@ from dseh import train  # noqa: E402
 from dseh.config import from_dict  # noqa: E402
 from dseh.models.backbones import create_backbone  # noqa: E402
 from dseh.models.nets import ImgNet  # noqa: E402
-
-CNNF_SHAPES = [
-    ("conv1", 11, 3, 64, 4, 0),
-    ("conv2", 5, 64, 256, 1, 2),
-    ("conv3", 3, 256, 256, 1, 1),
-    ("conv4", 3, 256, 256, 1, 1),
-    ("conv5", 3, 256, 256, 1, 1),
-    ("fc6", 6, 256, 4096, 1, 0),
-    ("fc7", 1, 4096, 4096, 1, 0),
-]
-
-
-def write_full_cnnf(path: Path) -> None:
-    """A MatConvNet-layout imagenet-vgg-f.mat with random weights of the real shapes."""
-    import scipy.io
-
-    rng = np.random.default_rng(0)
-    convs = {c[0]: c for c in CNNF_SHAPES}
-    order = [
-        "conv1",
-        "relu1",
-        "norm1",
-        "pool1",
-        "conv2",
-        "relu2",
-        "norm2",
-        "pool2",
-        "conv3",
-        "relu3",
-        "conv4",
-        "relu4",
-        "conv5",
-        "relu5",
-        "pool5",
-        "fc6",
-        "relu6",
-        "fc7",
-        "relu7",
-    ]
-    layers = np.empty((1, len(order)), dtype=object)
-    for i, name in enumerate(order):
-        if name in convs:
-            _, k, cin, cout, stride, pad = convs[name]
-            w = np.empty((1, 2), dtype=object)
-            w[0, 0] = (rng.standard_normal((k, k, cin, cout), dtype=np.float32) * np.sqrt(2.0 / (k * k * cin))).astype(
-                np.float32
-            )
-            w[0, 1] = np.zeros((cout, 1), np.float32)
-            layers[0, i] = {
-                "name": name,
-                "type": "conv",
-                "weights": w,
-                "stride": [[stride, stride]],
-                "pad": [[pad] * 4],
-            }
-        elif name.startswith("relu"):
-            layers[0, i] = {"name": name, "type": "relu"}
-        elif name.startswith("norm"):
-            layers[0, i] = {"name": name, "type": "lrn", "param": [[5, 2, 1e-4, 0.75]]}
-        else:
-            pad = [0, 1, 0, 1] if name == "pool1" else [0, 0, 0, 0]
-            layers[0, i] = {
-                "name": name,
-                "type": "pool",
-                "method": "max",
-                "pool": [[3, 3]],
-                "stride": [[2, 2]],
-                "pad": [pad],
-            }
-    scipy.io.savemat(path, {"layers": layers, "meta": {"normalization": {"averageImage": np.full((1, 1, 3), 120.0)}}})
+from tests.matconvnet import FULL_CONVS, write_cnnf  # noqa: E402
 
 
 def bench(
@@ -159,7 +91,7 @@ def main() -> None:
                 size = 32
             if name == "cnnf":
                 weights = str(Path(tmp) / "vgg-f.mat")
-                write_full_cnnf(Path(weights))
+                write_cnnf(weights, convs=FULL_CONVS, std=0.01)
             ips = bench(name, weights, size, args.batch, args.steps, device)
             print(f"{name:10} {size:>3}x{size:<3} {ips:9.1f} images/s training")
 

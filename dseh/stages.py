@@ -130,6 +130,13 @@ def _write_history(out: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
 def _load_model_file(path: Path, kind: str) -> dict:
     f = path / MODEL
     if not f.is_file():
@@ -494,16 +501,16 @@ def evaluate(
             )
         with atomic_dir(out_dir) as tmp:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
-            with open(tmp / PR_CURVE, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["radius", "precision", "recall"])
-                for r, (p, rc) in enumerate(zip(rep.pr_precision, rep.pr_recall)):
-                    w.writerow([r, f"{p:.6f}", f"{rc:.6f}"])
-            with open(tmp / PRECISION_AT, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["n", "precision", "recall"])
-                for n in rep.precision_at:
-                    w.writerow([n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"])
+            _write_csv(
+                tmp / PR_CURVE,
+                ["radius", "precision", "recall"],
+                [[r, f"{p:.6f}", f"{q:.6f}"] for r, (p, q) in enumerate(zip(rep.pr_precision, rep.pr_recall))],
+            )
+            _write_csv(
+                tmp / PRECISION_AT,
+                ["n", "precision", "recall"],
+                [[n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"] for n in rep.precision_at],
+            )
             rng = np.random.default_rng(cfg.seed)
             sample = np.sort(rng.choice(len(lab_feats), size=min(ev.heatmap_items, len(lab_feats)), replace=False))
             figs = report.make_figures(rep, lab_feats[sample], img_feats[sample], tmp / FIGURES)
@@ -658,10 +665,7 @@ def map_table(cfg: Config, sweep_root: str | Path, out_dir: str | Path) -> list[
         )
     keys = list(rows[0])
     with atomic_dir(out_dir) as tmp:
-        with open(tmp / "map_table.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        _write_csv(tmp / "map_table.csv", keys, [[r[k] for k in keys] for r in rows])
         lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += [
             "| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"

@@ -2,108 +2,12 @@
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 
 from dseh.errors import DsehError
 from dseh.models.backbones import BACKBONES, CNNF, create_backbone
 from dseh.models.nets import ImgNet, LabNet
-
-# (name, H, W, Cin, Cout, stride, pad) of a narrow CNN-F: same kernels, strides and pads, few channels
-CONVS = [
-    ("conv1", 11, 11, 3, 4, 4, [0, 0, 0, 0]),
-    ("conv2", 5, 5, 4, 6, 1, [2, 2, 2, 2]),
-    ("conv3", 3, 3, 6, 6, 1, [1, 1, 1, 1]),
-    ("conv4", 3, 3, 6, 6, 1, [1, 1, 1, 1]),
-    ("conv5", 3, 3, 6, 6, 1, [1, 1, 1, 1]),
-    ("fc6", 6, 6, 6, 8, 1, [0, 0, 0, 0]),
-    ("fc7", 1, 1, 8, 8, 1, [0, 0, 0, 0]),
-    ("fc8", 1, 1, 8, 5, 1, [0, 0, 0, 0]),
-]
-ORDER = [
-    "conv1",
-    "relu1",
-    "norm1",
-    "pool1",
-    "conv2",
-    "relu2",
-    "norm2",
-    "pool2",
-    "conv3",
-    "relu3",
-    "conv4",
-    "relu4",
-    "conv5",
-    "relu5",
-    "pool5",
-    "fc6",
-    "relu6",
-    "fc7",
-    "relu7",
-    "fc8",
-    "prob",
-]
-MARK = (2, 0, 1, 3)  # kernel index (h, w, cin, cout) that holds a marker value
-
-
-def cnnf_layers(skip=(), old=False):
-    rng = np.random.default_rng(0)
-    convs = {c[0]: c for c in CONVS}
-    layers = []
-    for i, name in enumerate(ORDER):
-        if name in skip:
-            continue
-        if name in convs:
-            _, h, w, cin, cout, stride, pad = convs[name]
-            kernel = rng.normal(0, 0.05, (h, w, cin, cout)).astype(np.float32)
-            kernel[tuple(min(m, s - 1) for m, s in zip(MARK, kernel.shape))] = 100.0 + i
-            bias = np.arange(cout, dtype=np.float32)[:, None] * 0.01
-            weights = np.empty((1, 2), dtype=object)
-            weights[0, 0], weights[0, 1] = kernel, bias
-            layer = {
-                "name": name,
-                "type": "conv",
-                "weights": weights,
-                "stride": np.array([[stride, stride]], float),
-                "pad": np.array([pad], float),
-            }
-        elif name.startswith("relu"):
-            layer = {"name": name, "type": "relu"}
-        elif name.startswith("norm"):
-            layer = {"name": name, "type": "lrn", "param": np.array([[5, 2, 1e-4, 0.75]])}
-        elif name.startswith("pool"):
-            layer = {
-                "name": name,
-                "type": "pool",
-                "method": "max",
-                "pool": np.array([[3, 3]], float),
-                "stride": np.array([[2, 2]], float),
-                "pad": np.array([[0, 1, 0, 1] if name == "pool1" else [0, 0, 0, 0]], float),
-            }
-        else:
-            layer = {"name": name, "type": "softmax"}
-        layers.append(layer)
-    cell = np.empty((1, len(layers)), dtype=object)
-    for i, layer in enumerate(layers):
-        cell[0, i] = layer
-    return cell
-
-
-def write_cnnf(path, layout="new", skip=(), avg=None):
-    avg = np.full((224, 224, 3), 100.0, dtype=np.float32) if avg is None else avg
-    if layout == "new":
-        content = {
-            "layers": cnnf_layers(skip),
-            "meta": {"normalization": {"averageImage": avg, "imageSize": [224, 224, 3]}},
-        }
-    else:
-        content = {
-            "layers": cnnf_layers(skip),
-            "normalization": {"averageImage": avg},
-            "classes": {"name": np.array(["a", "b"], dtype=object)},
-        }
-    scipy.io.savemat(path, content)
-    return path
+from tests.matconvnet import MARK, ORDER, cnnf_layers, write_cnnf
 
 
 @pytest.mark.parametrize("layout,avg", [("new", None), ("old", np.array([[[120.0, 110.0, 100.0]]], dtype=np.float32))])
