@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="top-k database items for query image files")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", default="outputs/imgnet/round0", help="an ImgNet step output directory")
+    p.add_argument(
+        "--model",
+        default="outputs/imgnet/round0",
+        help="an ImgNet step output directory, or an MLflow model URI such as models:/dseh-imgnet@champion",
+    )
+    p.add_argument("--codes", help="packed database codes (default: MODEL/codes.npy; required with an MLflow URI)")
     p.add_argument("--data", default="outputs/data", help="the prepared dataset the model was trained on")
     p.add_argument("--weights", help="CNN-F .mat to rebuild the backbone, if it moved")
     p.add_argument("-k", type=int, default=10)
@@ -201,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "search":
         from dseh.search import search
 
-        results = search(args.model, args.data, args.images, args.k, args.weights)
+        results = search(args.model, args.data, args.images, args.k, args.weights, args.codes)
         if args.json:
             print(json.dumps(results, indent=2))
         else:

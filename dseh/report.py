@@ -67,7 +67,11 @@ def make_figures(rep, lab_feats: np.ndarray, img_feats: np.ndarray, out: Path) -
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, feats, name in ((axes[0], lab_feats, "LabNet f^l"), (axes[1], img_feats, "ImgNet f^v")):
         im = ax.imshow(feats, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set(title=f"{name}: {len(feats)} sampled training items", xlabel="feature dimension", ylabel="item")
+        ax.set(
+            title=f"{name}: {len(feats)} sampled training items",
+            xlabel="feature dimension",
+            ylabel="item (grouped by label set)",
+        )
         fig.colorbar(im, ax=ax, fraction=0.046)
     paths["heatmaps"] = out / "heatmaps.png"
     fig.tight_layout()

@@ -28,26 +28,56 @@ def load_query_images(paths: list[str], size: int) -> np.ndarray:
     return out
 
 
-def search(model_dir: str, data_dir: str, images: list[str], k: int = 10, weights: str | None = None) -> list[dict]:
-    """Top-k database items per query image: index, source path, Hamming distance, labels."""
+def _encode_with_mlflow(model_uri: str, images: list[str]) -> np.ndarray:
+    """+-1 codes of image files from a registered pyfunc model (models:/name@alias, runs:/...)."""
+    import mlflow
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
+        raise DsehError(f"cannot load MLflow model {model_uri}: {exc}") from exc
+    shape = model.metadata.get_input_schema().inputs[0].shape  # (-1, H, W, 3)
+    return np.asarray(model.predict(load_query_images(images, int(shape[1]))))
+
+
+def search(
+    model_dir: str,
+    data_dir: str,
+    images: list[str],
+    k: int = 10,
+    weights: str | None = None,
+    codes_path: str | None = None,
+) -> list[dict]:
+    """Top-k database items per query image: index, source path, Hamming distance, labels.
+
+    `model_dir` is an ImgNet step output, or an MLflow model URI (models:/dseh-imgnet@champion) with
+    `codes_path` naming the packed database codes that model produced (an ImgNet output's codes.npy)."""
     data = PreparedData(data_dir)
-    model, state = load_imgnet(model_dir, weights)
-    codes_file = Path(model_dir) / CODES
+    if model_dir.startswith(("models:/", "runs:/")):
+        if not codes_path:
+            raise DsehError(
+                "searching with an MLflow model needs --codes: the packed codes.npy of that model's database"
+            )
+        codes_file = Path(codes_path)
+        q = pack(_encode_with_mlflow(model_dir, images))
+    else:
+        model, state = load_imgnet(model_dir, weights)
+        codes_file = Path(codes_path) if codes_path else Path(model_dir) / CODES
+        x = load_query_images(images, int(state["image_size"]))
+        with torch.no_grad():
+            _, u = model(torch.from_numpy(x))
+        q = pack(u.numpy())
     if not codes_file.is_file():
-        raise DsehError(f"{codes_file} does not exist: {model_dir} is not an ImgNet step output")
+        raise DsehError(f"{codes_file} does not exist: pass the packed database codes of this model")
     db_codes = np.load(codes_file, mmap_mode="r")
-    if db_codes.shape[1] * 8 < state["bits"] or db_codes.shape[1] != (state["bits"] + 7) // 8:
-        raise DsehError(f"{codes_file} holds {db_codes.shape[1] * 8}-bit rows but the model emits {state['bits']} bits")
+    if q.shape[1] != db_codes.shape[1]:
+        raise DsehError(
+            f"the model emits {q.shape[1] * 8}-bit (padded) codes but {codes_file} holds {db_codes.shape[1] * 8}-bit rows"
+        )
     if len(db_codes) != len(data.labels):
         raise DsehError(
             f"{codes_file} has {len(db_codes)} codes but {data_dir} has {len(data.labels)} items: another dataset?"
         )
-    x = load_query_images(images, int(state["image_size"]))
-    with torch.no_grad():
-        _, u = model(torch.from_numpy(x))
-    q = pack(u.numpy())
-    if q.shape[1] != db_codes.shape[1]:
-        raise DsehError(f"model emits {u.shape[1]} bits but the database codes have {db_codes.shape[1] * 8}")
     db_items = data.database
     ids, dist = hamming_topk_packed(q, np.asarray(db_codes[db_items]), k)
     results = []
@@ -55,14 +85,12 @@ def search(model_dir: str, data_dir: str, images: list[str], k: int = 10, weight
         rows = []
         for rank, (j, d) in enumerate(zip(row_ids, row_d), start=1):
             item = int(db_items[j])
-            rows.append(
-                {
-                    "rank": rank,
-                    "index": item,
-                    "path": data.paths[item] if data.paths else None,
-                    "distance": int(d),
-                    "labels": [data.classes[c] for c in np.flatnonzero(data.labels[item])],
-                }
-            )
+            rows.append({
+                "rank": rank,
+                "index": item,
+                "path": data.paths[item] if data.paths else None,
+                "distance": int(d),
+                "labels": [data.classes[c] for c in np.flatnonzero(data.labels[item])],
+            })  # fmt: skip
         results.append({"image": img, "results": rows})
     return results

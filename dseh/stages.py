@@ -19,7 +19,7 @@ import torch
 
 from dseh import __version__, tracking, train
 from dseh.codes import constant_bits, count_distinct, pack, sign
-from dseh.config import Config, dump_config, epochs_for_round, to_dict
+from dseh.config import Config, dump_config, epochs_for_round, from_dict, to_dict
 from dseh.data import MANIFEST, PreparedData, open_source, write_prepared
 from dseh.errors import DsehError
 from dseh.models.backbones import create_backbone
@@ -291,13 +291,15 @@ def build_imgnet(cfg: Config, image_size: int) -> ImgNet:
 
 
 def load_imgnet(path: str | Path, weights: str | None = None) -> tuple[ImgNet, dict]:
-    """An ImgNet step output as a model (CNN-F needs its .mat to rebuild the layer shapes)."""
+    """An ImgNet step output as a model in eval mode. CNN-F needs its .mat (the recorded
+    imgnet.weights, local or s3://, or `weights`) to rebuild the layer shapes."""
+    import dataclasses
+
     state = _load_model_file(Path(path), "imgnet")
-    ic = dict(state["config"]["imgnet"])
-    backbone = create_backbone(
-        ic["backbone"], weights if weights is not None else ic["weights"], state["image_size"], ic["dropout"]
-    )
-    model = ImgNet(backbone, state["bits"], ic["hash_from"])
+    cfg = from_dict(state["config"])
+    if weights is not None:
+        cfg = dataclasses.replace(cfg, imgnet=dataclasses.replace(cfg.imgnet, weights=weights))
+    model = build_imgnet(cfg, int(state["image_size"]))
     model.load_state_dict(state["state_dict"])
     model.eval()
     return model, state
@@ -512,7 +514,10 @@ def evaluate(
                 [[n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"] for n in rep.precision_at],
             )
             rng = np.random.default_rng(cfg.seed)
-            sample = np.sort(rng.choice(len(lab_feats), size=min(ev.heatmap_items, len(lab_feats)), replace=False))
+            sample = rng.choice(len(lab_feats), size=min(ev.heatmap_items, len(lab_feats)), replace=False)
+            # rows grouped by label set, so items that share labels sit together as in the paper's figure
+            train_labels = data.labels[data.train][sample]
+            sample = sample[np.lexsort(train_labels.T[::-1])]
             figs = report.make_figures(rep, lab_feats[sample], img_feats[sample], tmp / FIGURES)
             report.write_html(tmp / REPORT, metrics, rep.precision_at, rep.recall_at, figs, to_dict(cfg))
             dump_config(cfg, tmp / CONFIG)

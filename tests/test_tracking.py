@@ -122,6 +122,23 @@ def test_promotion_registry_and_pyfunc_codes(tracked, mlflow_server, monkeypatch
     assert codes.dtype == np.int8 and np.array_equal(codes, saved)
     sig = model.metadata.signature
     assert sig.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+    # dseh search from the registry URI ranks like the step output it came from
+    from PIL import Image
+
+    from dseh.search import search
+
+    Image.fromarray(np.asarray(data.images[int(data.query[0])])).save(tmp_path / "q.png")
+    by_uri = search(
+        f"models:/{name}@champion",
+        str(lay.data),
+        [str(tmp_path / "q.png")],
+        5,
+        codes_path=str(lay.imgnet(0) / "codes.npy"),
+    )
+    by_dir = search(str(lay.imgnet(0)), str(lay.data), [str(tmp_path / "q.png")], 5)
+    assert by_uri == by_dir and len(by_uri[0]["results"]) == 5
+    with pytest.raises(DsehError, match="--codes"):
+        search(f"models:/{name}@champion", str(lay.data), [str(tmp_path / "q.png")], 5)
 
 
 def _fake_eval(src, dst, value):
