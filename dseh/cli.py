@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics, plots and the HTML report of the last round")
     _common(p)
+    p.add_argument(
+        "--encode", action="store_true", help="encode every item with the model instead of using its saved codes"
+    )
     p.add_argument("--data")
     p.add_argument("--labnet")
     p.add_argument("--imgnet")
@@ -244,6 +247,7 @@ def _run(args: argparse.Namespace) -> int:
             args.imgnet or lay.imgnet(last),
             args.out or lay.eval,
             progress,
+            args.encode,
         )
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     elif args.command == "promote":

@@ -422,9 +422,11 @@ def evaluate(
     imgnet_dir: str | Path,
     out_dir: str | Path,
     progress: bool = True,
+    encode: bool = False,
 ) -> dict:
-    """Retrieval metrics (query -> database) of the saved ImgNet codes, LabNet's label retrieval,
-    DVC plot data, figures and the self-contained HTML report."""
+    """Retrieval metrics (query -> database) of the saved ImgNet codes (or, with `encode`, codes
+    computed anew by the saved model), LabNet's label retrieval, DVC plot data, figures and the
+    self-contained HTML report."""
     from dseh import evaluation, report
 
     data = PreparedData(data_dir)
@@ -439,7 +441,21 @@ def evaluate(
         if img_state.get("dataset_sha256") != data.sha256:
             raise DsehError(f"{imgnet_dir} was trained on another prepared dataset than {data_dir}")
         bits = img_state["bits"]
-        codes = np.load(Path(imgnet_dir) / CODES)
+        if encode:
+            model, _ = load_imgnet(imgnet_dir)
+            device = train.resolve_device(cfg.train.device)
+            _, u = train.encode_images(
+                model.to(device),
+                data.images,
+                np.arange(len(data.labels)),
+                cfg.imgnet.encode_batch_size,
+                device,
+                cfg.train.amp,
+                progress,
+            )
+            codes = pack(u)
+        else:
+            codes = np.load(Path(imgnet_dir) / CODES)
         if codes.shape != (len(data.labels), (bits + 7) // 8):
             raise DsehError(
                 f"{imgnet_dir}/{CODES} has shape {codes.shape}, expected ({len(data.labels)}, {(bits + 7) // 8})"
@@ -593,6 +609,7 @@ def promote(
     if out_dir is not None and not dry_run:
         with atomic_dir(out_dir) as tmp:
             (tmp / "decision.json").write_text(json.dumps(decision, indent=2))
+            dump_config(cfg, tmp / CONFIG)
     log.info("promote: %s (%s)", decision["decision"], decision.get("reason"))
     return decision
 
@@ -677,4 +694,5 @@ def map_table(cfg: Config, sweep_root: str | Path, out_dir: str | Path) -> list[
             for r in rows
         ]
         (tmp / "map_table.md").write_text("\n".join(lines) + "\n")
+        dump_config(cfg, tmp / CONFIG)
     return rows

@@ -245,3 +245,23 @@ def test_s3_unreachable_server_fails_fast(tmp_path, monkeypatch):
         storage.read_bytes("s3://bucket/key.txt", timeout_s=1.0, retries=1)
     assert time.time() - t0 < 30
     storage._local.__dict__.clear()
+
+
+def test_s3_server_that_does_not_answer_times_out(monkeypatch):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # accepts connections, never answers
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    storage._local.__dict__.clear()
+    t0 = time.time()
+    try:
+        with pytest.raises(DsehError, match=r"s3://bucket/list/train.txt"):
+            storage.read_bytes("s3://bucket/list/train.txt", timeout_s=1.0, retries=1)
+        assert time.time() - t0 < 20
+    finally:
+        silent.close()
+        storage._local.__dict__.clear()

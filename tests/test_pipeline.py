@@ -196,3 +196,22 @@ def test_dvc_yaml_declares_every_round(tmp_path):
         assert "dseh" in s.get("deps", s.get("do", {}).get("deps")), name
     assert stages["sweep"]["foreach"] == [16, 32, 48, 64]
     assert "weights/vgg-f.mat" in stages["sweep"]["do"]["deps"]
+
+
+def test_evaluate_can_encode_with_the_model_and_agrees_with_saved_codes(run):
+    out = run / "outputs"
+    args = [
+        "evaluate",
+        "--params",
+        str(run / "params.yaml"),
+        "--root",
+        str(out),
+        "-q",
+        "--encode",
+        "--out",
+        str(run / "eval2"),
+    ]
+    assert main(args) == 0
+    a = json.loads((out / "eval/metrics.json").read_text())
+    b = json.loads((run / "eval2/metrics.json").read_text())
+    assert a == b
