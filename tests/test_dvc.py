@@ -108,6 +108,16 @@ def test_repro_reruns_exactly_what_changed_and_push_pull_round_trip(project, s3_
     keys = s3_server.client().list_objects_v2(Bucket="dseh-dvc").get("KeyCount", 0)
     assert keys > 0
 
+    # metrics, plots and experiments work as DVC users expect
+    shown = json.loads(sh(dvc + ["metrics", "show", "--json"], root, env).stdout)
+    assert "map_all" in json.dumps(shown)
+    plots = json.loads(sh(dvc + ["plots", "show", "--json"], root, env).stdout)
+    assert "outputs/eval/pr_curve.csv" in json.dumps(plots)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "pipeline"], root, env)
+    sh(dvc + ["exp", "run", "-S", "bits=64"], root, env)
+    assert json.loads((root / "outputs/eval/metrics.json").read_text())["bits"] == 64
+
 
 def test_import_url_of_an_s3_prefix(project, s3_server):
     root, env, dvc = project
