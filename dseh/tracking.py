@@ -212,8 +212,6 @@ def log_imgnet_model(
         (Path(tmp) / "meta.json").write_text(
             json.dumps({"encode_batch_size": encode_batch_size, "bits": bits, "image_size": image_size})
         )
-        import torch as _torch
-
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=_pyfunc_class()(),
@@ -222,7 +220,7 @@ def log_imgnet_model(
             signature=sig,
             input_example=example,
             pip_requirements=[
-                f"torch=={_torch.__version__.split('+')[0]}",
+                f"torch=={torch.__version__.split('+')[0]}",
                 f"numpy=={np.__version__}",
                 f"mlflow=={mlflow.__version__}",
             ],
