@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", help="default: ROOT/table")
 
+    p = sub.add_parser("baseline", help="LSH or ITQ on pixels or a trained ImgNet's backbone features, same evaluator")
+    _common(p)
+    p.add_argument("--method", choices=["lsh", "itq"], required=True)
+    p.add_argument("--bits", type=int, help="default: params bits")
+    p.add_argument("--data")
+    p.add_argument("--features-from", help="an ImgNet step output whose backbone gives the features (default: pixels)")
+    p.add_argument("--out", help="default: ROOT/baselines/METHOD-BITS")
+
     p = sub.add_parser("search", help="top-k database items for query image files")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument(
@@ -263,6 +271,11 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(decision, indent=2))
     elif args.command == "sweep":
         stages.sweep_bits(cfg, args.data or lay.data, args.bits, args.out or lay.sweep(args.bits), progress)
+    elif args.command == "baseline":
+        bits = args.bits or cfg.bits
+        out = args.out or lay.root / "baselines" / f"{args.method}-{bits}"
+        m = stages.shallow_baseline(cfg, args.data or lay.data, args.method, bits, out, args.features_from)
+        print(json.dumps(m, indent=2))
     elif args.command == "map-table":
         stages.map_table(cfg, lay.root / "sweep", args.out or lay.table)
         print((Path(args.out or lay.table) / "map_table.md").read_text())

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dseh import __version__, tracking, train
-from dseh.codes import constant_bits, count_distinct, pack, sign
+from dseh.codes import constant_bits, count_distinct, pack, sign, unpack
 from dseh.config import Config, dump_config, epochs_for_round, from_dict, to_dict
 from dseh.data import MANIFEST, PreparedData, open_source, write_prepared
 from dseh.errors import DsehError
@@ -696,3 +696,67 @@ def map_table(cfg: Config, sweep_root: str | Path, out_dir: str | Path) -> list[
         (tmp / "map_table.md").write_text("\n".join(lines) + "\n")
         dump_config(cfg, tmp / CONFIG)
     return rows
+
+
+# --------------------------------------------------------------------------- shallow baselines
+
+
+def shallow_baseline(
+    cfg: Config,
+    data_dir: str | Path,
+    method: str,
+    bits: int,
+    out_dir: str | Path,
+    features_from: str | Path | None = None,
+) -> dict:
+    """LSH or ITQ (dseh.baselines) fitted on the training items' features, evaluated with the same
+    evaluator and split as DSEH. Features: raw pixels, or a trained ImgNet's backbone output
+    (`features_from` = an ImgNet step output) for the same-backbone comparison."""
+    from dseh import baselines, evaluation
+
+    if method not in ("lsh", "itq"):
+        raise DsehError(f"unknown baseline '{method}'; choose lsh or itq")
+    data = PreparedData(data_dir)
+    items = np.arange(len(data.labels))
+    if features_from:
+        model, _ = load_imgnet(features_from)
+        feats = []
+        with torch.no_grad():
+            for s in range(0, len(items), cfg.imgnet.encode_batch_size):
+                x = torch.from_numpy(train.gather_images(data.images, items[s : s + cfg.imgnet.encode_batch_size]))
+                feats.append(model.backbone(model.backbone.preprocess(x)).numpy())
+        x_all = np.concatenate(feats).astype(np.float64)
+    else:
+        x_all = np.asarray(data.images, dtype=np.float32).reshape(len(items), -1)
+    fit = x_all[data.train]
+    if method == "lsh":
+        proj, mean = baselines.lsh(fit, bits, cfg.seed)
+    else:
+        proj, mean, _ = baselines.itq(fit, bits, cfg.seed)
+    codes = pack(baselines.project(x_all, proj, mean))
+    ev = cfg.evaluate
+    rep = evaluation.retrieval_report(
+        codes[data.query],
+        codes[data.database],
+        data.labels[data.query],
+        data.labels[data.database],
+        bits,
+        ev.topk,
+        ev.precision_at,
+        ev.query_chunk,
+    )
+    state = baselines.collapse(unpack(codes[data.database], bits))
+    metrics = {
+        "method": method,
+        "features": "imgnet-backbone" if features_from else "pixels",
+        "bits": bits,
+        "map_all": rep.map_all,
+        f"map_at_{rep.topk}": rep.map_topk,
+        "map_tie_aware": rep.map_tie_aware,
+        **state,
+    }
+    with atomic_dir(out_dir) as tmp:
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
+        np.save(tmp / CODES, codes)
+        dump_config(cfg, tmp / CONFIG)
+    return metrics

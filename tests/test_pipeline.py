@@ -215,3 +215,21 @@ def test_evaluate_can_encode_with_the_model_and_agrees_with_saved_codes(run):
     a = json.loads((out / "eval/metrics.json").read_text())
     b = json.loads((run / "eval2/metrics.json").read_text())
     assert a == b
+
+
+@pytest.mark.parametrize("method", ["lsh", "itq"])
+def test_shallow_baselines_share_split_and_evaluator(run, method, capsys):
+    out = run / "outputs"
+    common = ["--params", str(run / "params.yaml"), "--root", str(out), "-q", "--method", method]
+    assert main(["baseline", *common]) == 0
+    assert (
+        main(["baseline", *common, "--features-from", str(out / "imgnet/round0"), "--out", str(run / f"bl-{method}")])
+        == 0
+    )
+    pixels = json.loads((out / f"baselines/{method}-32/metrics.json").read_text())
+    learned = json.loads((run / f"bl-{method}/metrics.json").read_text())
+    assert pixels["features"] == "pixels" and learned["features"] == "imgnet-backbone"
+    for m in (pixels, learned):
+        assert 0 < m["map_all"] <= 1 and m["bits"] == 32 and "collapsed" in m
+    codes = np.load(out / f"baselines/{method}-32/codes.npy")
+    assert codes.shape == (460, 4)
