@@ -727,6 +727,11 @@ def shallow_baseline(
                 feats.append(model.backbone(model.backbone.preprocess(x)).numpy())
         x_all = np.concatenate(feats).astype(np.float64)
     else:
+        size = data.images.size * 4
+        if size > 4 * 2**30:
+            raise DsehError(
+                f"raw-pixel features of {data_dir} would take {size / 2**30:.0f} GiB; pass --features-from an ImgNet output"
+            )
         x_all = np.asarray(data.images, dtype=np.float32).reshape(len(items), -1)
     fit = x_all[data.train]
     if method == "lsh":
