@@ -19,7 +19,7 @@ import torch
 
 from dseh import __version__, tracking, train
 from dseh.codes import constant_bits, count_distinct, pack, sign, unpack
-from dseh.config import Config, dump_config, epochs_for_round, from_dict, to_dict
+from dseh.config import Config, EvaluateConfig, dump_config, epochs_for_round, from_dict, to_dict
 from dseh.data import MANIFEST, PreparedData, open_source, write_prepared
 from dseh.errors import DsehError
 from dseh.models.backbones import create_backbone
@@ -415,6 +415,22 @@ def train_imgnet(
 # --------------------------------------------------------------------------- evaluate
 
 
+def _query_database_report(ev: EvaluateConfig, data: PreparedData, q_codes, db_codes, bits: int, precision_at=None):
+    """The retrieval report of packed query codes against packed database codes, with the split's labels."""
+    from dseh import evaluation
+
+    return evaluation.retrieval_report(
+        q_codes,
+        db_codes,
+        data.labels[data.query],
+        data.labels[data.database],
+        bits,
+        ev.topk,
+        precision_at or ev.precision_at,
+        ev.query_chunk,
+    )
+
+
 def evaluate(
     cfg: Config,
     data_dir: str | Path,
@@ -427,7 +443,7 @@ def evaluate(
     """Retrieval metrics (query -> database) of the saved ImgNet codes (or, with `encode`, codes
     computed anew by the saved model), LabNet's label retrieval, DVC plot data, figures and the
     self-contained HTML report."""
-    from dseh import evaluation, report
+    from dseh import report
 
     data = PreparedData(data_dir)
     with tracking.step_run(cfg, "evaluate", data.sha256) as tr:
@@ -461,29 +477,11 @@ def evaluate(
                 f"{imgnet_dir}/{CODES} has shape {codes.shape}, expected ({len(data.labels)}, {(bits + 7) // 8})"
             )
         ev = cfg.evaluate
-        rep = evaluation.retrieval_report(
-            codes[data.query],
-            codes[data.database],
-            data.labels[data.query],
-            data.labels[data.database],
-            bits,
-            ev.topk,
-            ev.precision_at,
-            ev.query_chunk,
-        )
+        rep = _query_database_report(ev, data, codes[data.query], codes[data.database], bits)
         labnet, _ = load_labnet(labnet_dir)
         _, h_q = train.encode_labels(labnet, torch.from_numpy(data.labels[data.query]))
         _, h_db = train.encode_labels(labnet, torch.from_numpy(data.labels[data.database]))
-        lab_rep = evaluation.retrieval_report(
-            pack(h_q.numpy()),
-            pack(h_db.numpy()),
-            data.labels[data.query],
-            data.labels[data.database],
-            bits,
-            ev.topk,
-            (ev.topk,),
-            ev.query_chunk,
-        )
+        lab_rep = _query_database_report(ev, data, pack(h_q.numpy()), pack(h_db.numpy()), bits, (ev.topk,))
         with np.load(Path(labnet_dir) / TARGETS) as z:
             lab_codes = z["B"]
             lab_feats = z["F"]
@@ -712,7 +710,7 @@ def shallow_baseline(
     """LSH or ITQ (dseh.baselines) fitted on the training items' features, evaluated with the same
     evaluator and split as DSEH. Features: raw pixels, or a trained ImgNet's backbone output
     (`features_from` = an ImgNet step output) for the same-backbone comparison."""
-    from dseh import baselines, evaluation
+    from dseh import baselines
 
     if method not in ("lsh", "itq"):
         raise DsehError(f"unknown baseline '{method}'; choose lsh or itq")
@@ -740,16 +738,7 @@ def shallow_baseline(
         proj, mean, _ = baselines.itq(fit, bits, cfg.seed)
     codes = pack(baselines.project(x_all, proj, mean))
     ev = cfg.evaluate
-    rep = evaluation.retrieval_report(
-        codes[data.query],
-        codes[data.database],
-        data.labels[data.query],
-        data.labels[data.database],
-        bits,
-        ev.topk,
-        ev.precision_at,
-        ev.query_chunk,
-    )
+    rep = _query_database_report(ev, data, codes[data.query], codes[data.database], bits)
     state = baselines.collapse(unpack(codes[data.database], bits))
     metrics = {
         "method": method,

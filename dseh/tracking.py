@@ -154,7 +154,6 @@ def step_run(cfg: Config, step: str, dataset_sha: str, tags: dict[str, str] | No
             params = _flatten(to_dict(cfg))
             mlflow.log_params(params)
             yield Tracker(run.info.run_id)
-    client.set_terminated(parent_id, "FINISHED")
 
 
 # --------------------------------------------------------------------------- the pyfunc model
