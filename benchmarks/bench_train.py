@@ -40,9 +40,7 @@ def bench(
         }
     )
     torch.manual_seed(0)
-    model = ImgNet(create_backbone(name, weights, size), 32).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = train.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
     groups, mults = train.imgnet_param_groups(model, 1e-4, 0.1)
     opt = train.make_optimizer(groups, cfg.train)
     rng = np.random.default_rng(0)
@@ -50,8 +48,9 @@ def bench(
     labels = torch.from_numpy((rng.random((n_train, 21)) < 0.2).astype(np.float32)).to(device)
     B = torch.from_numpy(np.where(rng.random((n_train, 32)) < 0.5, 1.0, -1.0).astype(np.float32)).to(device)
     F = torch.from_numpy(rng.random((n_train, 512)).astype(np.float32)).to(device)
+    objective = train.dseh_objective(labels, B, F, cfg.imgnet)
     phase = train.imgnet_phase(
-        model, opt, mults, images, np.arange(n_train), labels, B, F, cfg.imgnet, cfg.train, 0, 1, 0, device
+        model, opt, mults, images, np.arange(n_train), objective, cfg.imgnet, cfg.train, 0, 1, 0, device
     )
     idx = np.arange(batch) % n_train
     model.train()

@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-from", help="an ImgNet step output whose backbone gives the features (default: pixels)")
     p.add_argument("--out", help="default: ROOT/baselines/METHOD-BITS")
 
+    p = sub.add_parser(
+        "compare",
+        help="every method and ablation over code lengths and seeds: the paper's Tables 1 and 2 (params section compare)",
+    )
+    _common(p)
+    p.add_argument("--data")
+    p.add_argument("--out", help="default: ROOT/compare")
+    p.add_argument("--runs", help="per-run result cache (default: ROOT/compare_runs); finished runs are reused")
+
     p = sub.add_parser("search", help="top-k database items for query image files")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument(
@@ -276,6 +285,10 @@ def _run(args: argparse.Namespace) -> int:
         out = args.out or lay.root / "baselines" / f"{args.method}-{bits}"
         m = stages.shallow_baseline(cfg, args.data or lay.data, args.method, bits, out, args.features_from)
         print(json.dumps(m, indent=2))
+    elif args.command == "compare":
+        from dseh.compare import compare
+
+        compare(cfg, args.data or lay.data, args.out or lay.root / "compare", args.runs)
     elif args.command == "map-table":
         stages.map_table(cfg, lay.root / "sweep", args.out or lay.table)
         print((Path(args.out or lay.table) / "map_table.md").read_text())

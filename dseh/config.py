@@ -136,11 +136,56 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """The other hashing methods (`method`), trained in the same loop or fitted on the same features."""
+
+    dpsh_eta: float = 0.1  # DPSH quantisation weight (on the normalised loss)
+    hashnet_alpha_bits: float = 10.0  # HashNet logit scale alpha = this / bits (HashNet's code: 10 / bits)
+    hashnet_step_size: int = 200  # continuation: beta = (1 + gamma * step) ^ power, raised every step_size steps
+    hashnet_gamma: float = 0.005
+    hashnet_power: float = 0.5
+    features: str = "auto"  # itq / lsh input: auto (backbone if pretrained weights, else pixels) | pixels | backbone
+    collapse_min_distinct: int = 16  # fewer distinct database codes than this (or every bit constant): collapsed
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`dseh compare`: every method and ablation over code lengths and seeds (the paper's Tables 1 and 2)."""
+
+    methods: tuple[str, ...] = ("dseh", "dpsh", "hashnet", "itq", "lsh")
+    bits: tuple[int, ...] = (16, 32, 48, 64)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ablations: tuple[str, ...] = ("dseh-s", "dseh-ss", "dseh-l", "dseh-a", "dseh-r2")  # presets equal to DSEH reuse it
+    ablation_bits: int = 32
+    equal_time_bits: tuple[int, ...] = (32,)  # deep baselines rerun with DSEH's wall time at these lengths
+    val_fraction: float = 0.2  # validation queries carved from the training set for tuning
+    tune_bits: int = 32
+    # one string per trial, space-separated key=value overrides; every deep method gets as many trials
+    trials_dseh: tuple[str, ...] = (
+        "imgnet.lr_exp=3.5",
+        "imgnet.lr_exp=3.0",
+        "imgnet.lr_exp=3.5 imgnet.gamma_if=0.5",
+    )
+    trials_dpsh: tuple[str, ...] = (
+        "imgnet.lr_exp=3.5 baseline.dpsh_eta=0.1",
+        "imgnet.lr_exp=3.0 baseline.dpsh_eta=0.1",
+        "imgnet.lr_exp=3.5 baseline.dpsh_eta=1.0",
+    )
+    trials_hashnet: tuple[str, ...] = (
+        "imgnet.lr_exp=3.5 baseline.hashnet_alpha_bits=10",
+        "imgnet.lr_exp=3.0 baseline.hashnet_alpha_bits=10",
+        "imgnet.lr_exp=3.5 baseline.hashnet_alpha_bits=20",
+    )
+    jobs: int = 2  # runs in parallel, one torch thread each (results do not depend on it)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration."""
 
     seed: int = 0
     bits: int = 32
+    method: str = "dseh"  # dseh | dpsh | hashnet (same loop and backbone) | itq | lsh (on features)
     data: DataConfig = field(default_factory=DataConfig)
     labnet: LabNetConfig = field(default_factory=LabNetConfig)
     imgnet: ImgNetConfig = field(default_factory=ImgNetConfig)
@@ -149,9 +194,24 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
+
+METHODS = ("dseh", "dpsh", "hashnet", "itq", "lsh")
+DEEP_METHODS = ("dseh", "dpsh", "hashnet")
+# the paper's Table 2 ablations as named presets: params overrides applied to DSEH
+ABLATIONS = {
+    "dseh-s": ("imgnet.gamma_if=0",),  # no semantic supervision of ImgNet
+    "dseh-ss": ("labnet.gamma_pf=0", "imgnet.gamma_if=0"),  # no semantic terms in either net
+    "dseh-l": ("labnet.gamma_hl=0",),  # no label loss J4
+    "dseh-a": ("train.rounds=1",),  # one round, no alternation
+    "dseh-r2": (),  # two rounds with the same total epochs (see ablation_overrides)
+}
 
 _CHOICES = {
+    "method": METHODS,
+    "baseline.features": ("auto", "pixels", "backbone"),
     "data.source": ("digits-mosaic", "list-files", "hdf5"),
     "labnet.quant_reduction": ("mean", "sum"),
     "labnet.label_head": ("sigmoid", "linear"),
@@ -297,10 +357,47 @@ def _validate(cfg: Config) -> None:
         (cfg.train.step_epochs >= 1, "train.step_epochs", "must be positive"),
         (cfg.tracking.timeout_s > 0, "tracking.timeout_s", "must be positive"),
         (all(1 <= b <= 4096 for b in cfg.sweep.bits), "sweep.bits", "must hold code lengths between 1 and 4096"),
+        (all(1 <= b <= 4096 for b in cfg.compare.bits), "compare.bits", "must hold code lengths between 1 and 4096"),
+        (0 < cfg.compare.val_fraction < 1, "compare.val_fraction", "must be between 0 and 1"),
+        (cfg.compare.jobs >= 1, "compare.jobs", "must be at least 1"),
+        (cfg.baseline.hashnet_step_size >= 1, "baseline.hashnet_step_size", "must be positive"),
+        (len(set(cfg.compare.seeds)) == len(cfg.compare.seeds), "compare.seeds", "must not repeat a seed"),
     ]
     for ok, key, why in checks:
         if not ok:
             raise DsehError(f"params key '{key}' {why}")
+    for m in cfg.compare.methods:
+        if m not in METHODS:
+            raise DsehError(f"params key 'compare.methods': {m!r} is not one of {', '.join(METHODS)}")
+    for a in cfg.compare.ablations:
+        if a not in ABLATIONS:
+            raise DsehError(f"params key 'compare.ablations': {a!r} is not one of {', '.join(ABLATIONS)}")
+    counts = {m: len(trials(cfg, m)) for m in DEEP_METHODS if m in cfg.compare.methods}
+    if len(set(counts.values())) > 1:
+        raise DsehError(
+            "params keys 'compare.trials_*': every deep method gets the same number of tuning trials, got "
+            + ", ".join(f"{m} {n}" for m, n in counts.items())
+        )
+
+
+def ablation_overrides(cfg: Config, name: str) -> tuple[str, ...]:
+    """The overrides of an ablation preset on top of `cfg`. dseh-r2, the alternation counterpart for
+    params that train one round, splits the same total ImgNet epochs over two rounds (LabNet's
+    second round gets half its first round's epochs, as in the release's decreasing schedule)."""
+    if name != "dseh-r2":
+        return ABLATIONS[name]
+    total = sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds))
+    lab0 = epochs_for_round(cfg.labnet.epochs, 0)
+    return (
+        "train.rounds=2",
+        f"imgnet.epochs=[{-(-total // 2)},{total // 2}]",
+        f"labnet.epochs=[{lab0},{max(1, -(-lab0 // 2))}]",
+    )
+
+
+def trials(cfg: Config, method: str) -> list[list[str]]:
+    """The tuning trials of a deep method as lists of `key=value` overrides (compare.trials_<method>)."""
+    return [t.split() for t in getattr(cfg.compare, f"trials_{method}")]
 
 
 def epochs_for_round(epochs: tuple[int, ...], round_index: int) -> int:
@@ -339,6 +436,9 @@ def section_keys(cfg_cls: type = Config, prefix: str = "") -> list[str]:
 
 
 __all__ = [
+    "ABLATIONS",
+    "BaselineConfig",
+    "CompareConfig",
     "Config",
     "DataConfig",
     "EvaluateConfig",

@@ -4,6 +4,7 @@ prepared dataset: one memory-mapped uint8 image array, labels, split indices and
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -411,6 +412,14 @@ class PreparedData:
         self.splits = {s: np.load(self.root / FILES[s]) for s in SPLITS}
         self.classes = json.loads((self.root / FILES["classes"]).read_text())
         self.paths = json.loads((self.root / FILES["paths"]).read_text())
+
+    def with_splits(self, tag: str, train: np.ndarray, query: np.ndarray, database: np.ndarray) -> PreparedData:
+        """The same arrays under other splits (a validation protocol carved from the training set);
+        its sha256 gains `tag`, so models trained on it are never mistaken for the real split's."""
+        other = copy.copy(self)
+        other.splits = {"train": np.asarray(train), "query": np.asarray(query), "database": np.asarray(database)}
+        other.manifest = {**self.manifest, "dataset_sha256": f"{self.sha256}/{tag}"}
+        return other
 
     @property
     def train(self) -> np.ndarray:

@@ -28,8 +28,10 @@ def _plt():
     return plt
 
 
-def make_figures(rep, lab_feats: np.ndarray, img_feats: np.ndarray, out: Path) -> dict[str, Path]:
-    """Write pr_curve.png, precision_at_n.png and heatmaps.png under `out`; return their paths."""
+def make_figures(rep, lab_feats: np.ndarray | None, img_feats: np.ndarray | None, out: Path) -> dict[str, Path]:
+    """Write pr_curve.png, precision_at_n.png and heatmaps.png under `out`; return their paths.
+    The heat maps show the semantic features that exist (none for ITQ and LSH, no LabNet panel
+    for the other methods than DSEH)."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -64,8 +66,11 @@ def make_figures(rep, lab_feats: np.ndarray, img_feats: np.ndarray, out: Path) -
     fig.savefig(paths["precision_at_n"], dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, feats, name in ((axes[0], lab_feats, "LabNet f^l"), (axes[1], img_feats, "ImgNet f^v")):
+    panels = [(f, name) for f, name in ((lab_feats, "LabNet f^l"), (img_feats, "ImgNet f^v")) if f is not None]
+    if not panels:
+        return paths
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (feats, name) in zip(axes[0], panels):
         im = ax.imshow(feats, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set(
             title=f"{name}: {len(feats)} sampled training items",

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import subprocess
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +47,11 @@ FIGURES = "figures"
 # params each stage reads: dvc.yaml declares exactly these
 STAGE_PARAMS = {
     "prepare": ["seed", "data"],
-    "train_labnet": ["seed", "bits", "labnet", "train"],
-    "train_imgnet": ["seed", "bits", "imgnet", "train"],
+    "train_labnet": ["seed", "bits", "method", "labnet", "train"],
+    "train_imgnet": ["seed", "bits", "method", "imgnet", "train", "baseline"],
     "evaluate": ["evaluate"],
     "promote": ["tracking", "promote"],
-    "sweep": ["seed", "labnet", "train", "imgnet", "evaluate"],
+    "sweep": ["seed", "method", "labnet", "train", "imgnet", "baseline", "evaluate"],
     "map_table": ["sweep"],
 }
 
@@ -137,14 +138,27 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w.writerows(rows)
 
 
-def _load_model_file(path: Path, kind: str) -> dict:
+def _load_model_file(path: Path, kind: str | tuple[str, ...]) -> dict:
     f = path / MODEL
     if not f.is_file():
         raise DsehError(f"{f} does not exist: run the step that produces {path} first")
     state = torch.load(f, map_location="cpu", weights_only=False)
-    if state.get("kind") != kind:
-        raise DsehError(f"{f} holds a {state.get('kind')} model, expected {kind}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if state.get("kind") not in kinds:
+        raise DsehError(f"{f} holds a {state.get('kind')} model, expected {' or '.join(kinds)}")
     return state
+
+
+def _open_data(data: str | Path | PreparedData) -> PreparedData:
+    return data if isinstance(data, PreparedData) else PreparedData(data)
+
+
+def _write_step_dir(out: Path, cfg: Config, summary: dict, history: list[dict] | None = None) -> None:
+    """The files every training step writes beside its model (inside an atomic_dir)."""
+    if history is not None:
+        _write_history(out, history)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    dump_config(cfg, out / CONFIG)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -193,7 +207,13 @@ def train_labnet(
         raise DsehError(
             f"round {round_index} of train_labnet needs the LabNet and ImgNet outputs of round {round_index - 1}"
         )
-    data = PreparedData(data_dir)
+    if cfg.method != "dseh":
+        # the other methods have no label network: the stage records that, so the DVC graph stays one shape
+        summary = {"round": round_index, "method": cfg.method, "labnet": f"not used by method {cfg.method}"}
+        with atomic_dir(out_dir) as tmp:
+            _write_step_dir(tmp, cfg, summary)
+        return summary
+    data = _open_data(data_dir)
     with tracking.step_run(cfg, "train_labnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
         device = train.resolve_device(cfg.train.device)
         seed = phase_seed(cfg.seed, "labnet", round_index)
@@ -252,9 +272,7 @@ def train_labnet(
                 tmp / MODEL,
             )
             np.savez(tmp / TARGETS, B=B_lab, F=F_lab.cpu().numpy().astype(np.float32), train=data.train)
-            _write_history(tmp, history)
-            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-            dump_config(cfg, tmp / CONFIG)
+            _write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
         log.info(
             "LabNet round %d: %d distinct codes for %d label sets",
@@ -307,14 +325,16 @@ def load_imgnet(path: str | Path, weights: str | None = None) -> tuple[ImgNet, d
 
 def train_imgnet(
     cfg: Config,
-    data_dir: str | Path,
+    data_dir: str | Path | PreparedData,
     round_index: int,
-    labnet_dir: str | Path,
+    labnet_dir: str | Path | None,
     out_dir: str | Path,
     prev_imgnet: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """ImgNet phase of round r, supervised by LabNet round r's fixed targets (B^l, F^l).
+    """ImgNet phase of round r. With method dseh it is supervised by LabNet round r's fixed targets
+    (B^l, F^l); dpsh and hashnet train the same network in the same loop with their own loss
+    (round r > 0 continues round r - 1); itq and lsh fit a linear hash on the image features.
 
     Writes the model, the packed codes of every item, sign(u) and f^v over the training items
     (the next LabNet round's buffers) and the history."""
@@ -322,54 +342,81 @@ def train_imgnet(
         raise DsehError(f"round {round_index} is past train.rounds={cfg.train.rounds}")
     if round_index > 0 and prev_imgnet is None:
         raise DsehError(f"round {round_index} of train_imgnet needs the ImgNet output of round {round_index - 1}")
-    data = PreparedData(data_dir)
+    data = _open_data(data_dir)
+    if cfg.method in SHALLOW_METHODS:
+        return fit_linear_hash(cfg, data, round_index, out_dir)
     with tracking.step_run(cfg, "train_imgnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
-        lab_state = _load_model_file(Path(labnet_dir), "labnet")
-        _check_compatible(lab_state, cfg, data, labnet_dir)
         device = train.resolve_device(cfg.train.device)
         seed = phase_seed(cfg.seed, "imgnet", round_index)
         train.set_determinism(seed, cfg.train.threads)
-        with np.load(Path(labnet_dir) / TARGETS) as z:
-            B_lab = torch.from_numpy(z["B"]).float().to(device)
-            F_lab = torch.from_numpy(z["F"]).float().to(device)
         image_size = int(data.images.shape[1])
-        model = build_imgnet(cfg, image_size).to(device)
-        if device.type == "cuda" and cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = train.place_model(build_imgnet(cfg, image_size), device, cfg.train)
         epochs = epochs_for_round(cfg.imgnet.epochs, round_index)
         base = train.lr_for_epoch(cfg.imgnet.lr_exp, cfg.train.step_exp, cfg.train.step_epochs, 0, round_index)
         groups, mults = train.imgnet_param_groups(model, base, cfg.imgnet.backbone_lr_mult)
         optimizer = train.make_optimizer(groups, cfg.train)
-        inputs = [data.sha256, _file_sha(Path(labnet_dir) / TARGETS)]
+        labels = torch.from_numpy(data.labels[data.train]).to(device)
+        inputs = [data.sha256]
+        buffers: dict[str, torch.Tensor] = {}
         if round_index > 0:
             prev = _load_model_file(Path(prev_imgnet), "imgnet")
             _check_compatible(prev, cfg, data, prev_imgnet)
             model.load_state_dict(prev["state_dict"])
             optimizer.load_state_dict(prev["optimizer"])
             inputs.append(_file_sha(Path(prev_imgnet) / MODEL))
-        labels = torch.from_numpy(data.labels[data.train]).to(device)
+        if cfg.method == "dseh":
+            if labnet_dir is None:
+                raise DsehError("method dseh needs the LabNet output of the same round")
+            lab_state = _load_model_file(Path(labnet_dir), "labnet")
+            _check_compatible(lab_state, cfg, data, labnet_dir)
+            with np.load(Path(labnet_dir) / TARGETS) as z:
+                B_lab = torch.from_numpy(z["B"]).float().to(device)
+                F_lab = torch.from_numpy(z["F"]).float().to(device)
+            inputs.append(_file_sha(Path(labnet_dir) / TARGETS))
+            objective = train.dseh_objective(labels, B_lab, F_lab, cfg.imgnet)
+        elif cfg.method == "dpsh":
+            # U holds every training item's latest u: zeros at first, the previous round's sign(u) after
+            U = torch.zeros(len(labels), cfg.bits)
+            if round_index > 0:
+                with np.load(Path(prev_imgnet) / TRAIN_OUTPUTS) as z:
+                    U = torch.from_numpy(z["B"]).float()
+            buffers = {"U": U.to(device)}
+            objective = train.dpsh_objective(labels, buffers["U"], cfg.baseline.dpsh_eta)
+        else:
+            objective = train.hashnet_objective(labels, cfg.bits, cfg.baseline)
+        per_epoch = -(-len(data.train) // cfg.imgnet.batch_size)
+        step_offset = per_epoch * sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(round_index))
         phase = train.imgnet_phase(
             model,
             optimizer,
             mults,
             data.images,
             data.train,
-            labels,
-            B_lab,
-            F_lab,
+            objective,
             cfg.imgnet,
             cfg.train,
             round_index,
             epochs,
             seed,
             device,
+            step_offset,
+            buffers,
         )
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         fp = _fingerprint(
-            "train_imgnet", round_index, to_dict(cfg.imgnet), to_dict(cfg.train), cfg.seed, cfg.bits, inputs
+            "train_imgnet",
+            round_index,
+            cfg.method,
+            to_dict(cfg.imgnet),
+            to_dict(cfg.train),
+            to_dict(cfg.baseline) if cfg.method != "dseh" else None,
+            cfg.seed,
+            cfg.bits,
+            inputs,
         )
         ckpt = _checkpoint_path(out)
+        t0 = time.perf_counter()
         history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
         all_items = np.arange(len(data.labels))
         f_all, u_all = train.encode_images(
@@ -379,7 +426,9 @@ def train_imgnet(
         codes = pack(u_all)
         summary = {
             "round": round_index,
+            "method": cfg.method,
             "epochs": epochs,
+            "seconds": round(time.perf_counter() - t0, 3),
             "distinct_codes_database": count_distinct(codes[data.database]),
             "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
         }
@@ -387,6 +436,7 @@ def train_imgnet(
             torch.save(
                 {
                     "kind": "imgnet",
+                    "method": cfg.method,
                     "state_dict": model.cpu().state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "config": to_dict(cfg),
@@ -401,14 +451,86 @@ def train_imgnet(
             )
             np.save(tmp / CODES, codes)
             np.savez(tmp / TRAIN_OUTPUTS, B=sign(u_all[data.train]), F=f_all[data.train].astype(np.float32))
-            _write_history(tmp, history)
-            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-            dump_config(cfg, tmp / CONFIG)
+            _write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
         if tr is not None:
             tr.log_history(history)
             tr.log_metrics(summary)
             tr.log_artifacts(out, "imgnet")
+    return summary
+
+
+SHALLOW_METHODS = ("itq", "lsh")
+
+
+def image_features(data: PreparedData, backbone: torch.nn.Module | None, batch: int) -> np.ndarray:
+    """float64 features of every prepared item: a backbone's output, or the raw pixels (refused
+    when they would not fit in memory)."""
+    items = np.arange(len(data.labels))
+    if backbone is None:
+        size = data.images.size * 8
+        if size > 4 * 2**30:
+            raise DsehError(
+                f"raw-pixel features of {data.root} would take {size / 2**30:.0f} GiB; "
+                "use pretrained backbone features (imgnet.weights, baseline.features=backbone)"
+            )
+        return np.asarray(data.images, dtype=np.float64).reshape(len(items), -1)
+    backbone.eval()
+    feats = []
+    with torch.no_grad():
+        for s in range(0, len(items), batch):
+            x = torch.from_numpy(train.gather_images(data.images, items[s : s + batch]))
+            feats.append(backbone(backbone.preprocess(x)).float().numpy())
+    return np.concatenate(feats).astype(np.float64)
+
+
+def _linear_codes(method: str, x_all: np.ndarray, fit_items: np.ndarray, bits: int, seed: int) -> tuple:
+    """Fit LSH or ITQ on the rows `fit_items` of `x_all`; (packed codes of every row, projection, mean)."""
+    from dseh import baselines
+
+    if method == "lsh":
+        proj, mean = baselines.lsh(x_all[fit_items], bits, seed)
+    else:
+        proj, mean, _ = baselines.itq(x_all[fit_items], bits, seed)
+    return pack(baselines.project(x_all, proj, mean)), proj, mean
+
+
+def fit_linear_hash(cfg: Config, data: PreparedData, round_index: int, out_dir: str | Path) -> dict:
+    """method itq | lsh: fit on the training items' features (baseline.features: the pretrained
+    backbone's output, or raw pixels), encode every item, write the step output like ImgNet's."""
+    use_backbone = cfg.baseline.features == "backbone" or (cfg.baseline.features == "auto" and bool(cfg.imgnet.weights))
+    t0 = time.perf_counter()
+    backbone = build_imgnet(cfg, int(data.images.shape[1])).backbone if use_backbone else None
+    x_all = image_features(data, backbone, cfg.imgnet.encode_batch_size)
+    codes, proj, mean = _linear_codes(cfg.method, x_all, data.train, cfg.bits, cfg.seed)
+    features = f"{cfg.imgnet.backbone}-backbone" if use_backbone else "pixels"
+    summary = {
+        "round": round_index,
+        "method": cfg.method,
+        "features": features,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "distinct_codes_database": count_distinct(codes[data.database]),
+    }
+    with atomic_dir(out_dir) as tmp:
+        torch.save(
+            {
+                "kind": "linear-hash",
+                "method": cfg.method,
+                "projection": proj,
+                "mean": mean,
+                "features": features,
+                "config": to_dict(cfg),
+                "code_version": code_version(),
+                "bits": cfg.bits,
+                "round": round_index,
+                "dataset_sha256": data.sha256,
+            },
+            tmp / MODEL,
+        )
+        np.save(tmp / CODES, codes)
+        np.savez(tmp / TRAIN_OUTPUTS, B=unpack(codes[data.train], cfg.bits))
+        _write_step_dir(tmp, cfg, summary)
+    log.info("%s on %s: %d distinct database codes", cfg.method, features, summary["distinct_codes_database"])
     return summary
 
 
@@ -445,9 +567,9 @@ def evaluate(
     self-contained HTML report."""
     from dseh import report
 
-    data = PreparedData(data_dir)
+    data = _open_data(data_dir)
     with tracking.step_run(cfg, "evaluate", data.sha256) as tr:
-        img_state = _load_model_file(Path(imgnet_dir), "imgnet")
+        img_state = _load_model_file(Path(imgnet_dir), ("imgnet", "linear-hash"))
         expected_round = cfg.train.rounds - 1
         if img_state["round"] != expected_round:
             raise DsehError(
@@ -457,6 +579,8 @@ def evaluate(
         if img_state.get("dataset_sha256") != data.sha256:
             raise DsehError(f"{imgnet_dir} was trained on another prepared dataset than {data_dir}")
         bits = img_state["bits"]
+        if encode and img_state["kind"] != "imgnet":
+            raise DsehError(f"{imgnet_dir} holds {img_state['method']} codes, not an image network: --encode needs one")
         if encode:
             model, _ = load_imgnet(imgnet_dir)
             device = train.resolve_device(cfg.train.device)
@@ -478,15 +602,8 @@ def evaluate(
             )
         ev = cfg.evaluate
         rep = _query_database_report(ev, data, codes[data.query], codes[data.database], bits)
-        labnet, _ = load_labnet(labnet_dir)
-        _, h_q = train.encode_labels(labnet, torch.from_numpy(data.labels[data.query]))
-        _, h_db = train.encode_labels(labnet, torch.from_numpy(data.labels[data.database]))
-        lab_rep = _query_database_report(ev, data, pack(h_q.numpy()), pack(h_db.numpy()), bits, (ev.topk,))
-        with np.load(Path(labnet_dir) / TARGETS) as z:
-            lab_codes = z["B"]
-            lab_feats = z["F"]
         with np.load(Path(imgnet_dir) / TRAIN_OUTPUTS) as z:
-            img_feats = z["F"]
+            img_feats = z["F"] if "F" in z else None
         n_max = max(rep.precision_at)
         metrics = {
             "bits": bits,
@@ -502,13 +619,21 @@ def evaluate(
             "queries_without_relevant": rep.queries_without_relevant,
             "distinct_codes_database": count_distinct(codes[data.database]),
             "constant_bits_database": constant_bits(codes[data.database], bits),
-            "labnet": {
+        }
+        lab_feats = None
+        if img_state.get("method", "dseh") == "dseh":
+            labnet, _ = load_labnet(labnet_dir)
+            _, h_q = train.encode_labels(labnet, torch.from_numpy(data.labels[data.query]))
+            _, h_db = train.encode_labels(labnet, torch.from_numpy(data.labels[data.database]))
+            lab_rep = _query_database_report(ev, data, pack(h_q.numpy()), pack(h_db.numpy()), bits, (ev.topk,))
+            with np.load(Path(labnet_dir) / TARGETS) as z:
+                lab_codes, lab_feats = z["B"], z["F"]
+            metrics["labnet"] = {
                 "label_map_all": lab_rep.map_all,
                 f"label_map_at_{rep.topk}": lab_rep.map_topk,
                 "distinct_codes_train": count_distinct(pack(lab_codes)),
                 "distinct_label_sets_train": int(len(np.unique(data.labels[data.train], axis=0))),
-            },
-        }
+            }
         if metrics["distinct_codes_database"] == 1 or metrics["constant_bits_database"]:
             log.warning(
                 "codes collapsed: %d distinct database codes, %d constant bits",
@@ -528,15 +653,26 @@ def evaluate(
                 [[n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"] for n in rep.precision_at],
             )
             rng = np.random.default_rng(cfg.seed)
-            sample = rng.choice(len(lab_feats), size=min(ev.heatmap_items, len(lab_feats)), replace=False)
+            n_train = len(data.train)
+            sample = rng.choice(n_train, size=min(ev.heatmap_items, n_train), replace=False)
             # rows grouped by label set, so items that share labels sit together as in the paper's figure
             train_labels = data.labels[data.train][sample]
             sample = sample[np.lexsort(train_labels.T[::-1])]
-            figs = report.make_figures(rep, lab_feats[sample], img_feats[sample], tmp / FIGURES)
+            figs = report.make_figures(
+                rep,
+                None if lab_feats is None else lab_feats[sample],
+                None if img_feats is None else img_feats[sample],
+                tmp / FIGURES,
+            )
             report.write_html(tmp / REPORT, metrics, rep.precision_at, rep.recall_at, figs, to_dict(cfg))
             dump_config(cfg, tmp / CONFIG)
         log.info(
-            "mAP@ALL %.4f, mAP@%d %.4f, LabNet label mAP@ALL %.4f", rep.map_all, rep.topk, rep.map_topk, lab_rep.map_all
+            "%s: mAP@ALL %.4f, mAP@%d %.4f%s",
+            img_state.get("method", "dseh"),
+            rep.map_all,
+            rep.topk,
+            rep.map_topk,
+            f", LabNet label mAP@ALL {metrics['labnet']['label_map_all']:.4f}" if "labnet" in metrics else "",
         )
         if tr is not None:
             tr.log_metrics(metrics)
@@ -571,7 +707,12 @@ def promote(
         raise DsehError(
             f"params key 'promote.metric': '{name}' is not a metric of {metrics_file}; choose one of {', '.join(numeric)}"
         )
-    img_state = _load_model_file(Path(imgnet_dir), "imgnet")
+    img_state = _load_model_file(Path(imgnet_dir), ("imgnet", "linear-hash"))
+    if img_state["kind"] != "imgnet":
+        raise DsehError(
+            f"{imgnet_dir} holds {img_state['method']} codes, not an image network: only dseh, dpsh and hashnet "
+            "models can be registered"
+        )
     if img_state.get("dataset_sha256") != data.sha256:
         raise DsehError(f"{imgnet_dir} was trained on another prepared dataset than {data_dir}")
     tags = {
@@ -712,34 +853,15 @@ def shallow_baseline(
     (`features_from` = an ImgNet step output) for the same-backbone comparison."""
     from dseh import baselines
 
-    if method not in ("lsh", "itq"):
+    if method not in SHALLOW_METHODS:
         raise DsehError(f"unknown baseline '{method}'; choose lsh or itq")
     data = PreparedData(data_dir)
-    items = np.arange(len(data.labels))
-    if features_from:
-        model, _ = load_imgnet(features_from)
-        feats = []
-        with torch.no_grad():
-            for s in range(0, len(items), cfg.imgnet.encode_batch_size):
-                x = torch.from_numpy(train.gather_images(data.images, items[s : s + cfg.imgnet.encode_batch_size]))
-                feats.append(model.backbone(model.backbone.preprocess(x)).numpy())
-        x_all = np.concatenate(feats).astype(np.float64)
-    else:
-        size = data.images.size * 4
-        if size > 4 * 2**30:
-            raise DsehError(
-                f"raw-pixel features of {data_dir} would take {size / 2**30:.0f} GiB; pass --features-from an ImgNet output"
-            )
-        x_all = np.asarray(data.images, dtype=np.float32).reshape(len(items), -1)
-    fit = x_all[data.train]
-    if method == "lsh":
-        proj, mean = baselines.lsh(fit, bits, cfg.seed)
-    else:
-        proj, mean, _ = baselines.itq(fit, bits, cfg.seed)
-    codes = pack(baselines.project(x_all, proj, mean))
+    backbone = load_imgnet(features_from)[0].backbone if features_from else None
+    x_all = image_features(data, backbone, cfg.imgnet.encode_batch_size)
+    codes, _, _ = _linear_codes(method, x_all, data.train, bits, cfg.seed)
     ev = cfg.evaluate
     rep = _query_database_report(ev, data, codes[data.query], codes[data.database], bits)
-    state = baselines.collapse(unpack(codes[data.database], bits))
+    state = baselines.collapse(unpack(codes[data.database], bits), cfg.baseline.collapse_min_distinct)
     metrics = {
         "method": method,
         "features": "imgnet-backbone" if features_from else "pixels",

@@ -1,5 +1,6 @@
 """The one training loop (epochs, schedule, clipping, checkpoints, resume, NaN guard) and the two
-DSEH phases that plug into it: LabNet on label vectors and ImgNet on memory-mapped images.
+DSEH phases that plug into it: LabNet on label vectors and ImgNet on memory-mapped images, whose
+objective is DSEH's or a deep baseline's (DPSH, HashNet).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dseh import losses
-from dseh.config import ImgNetConfig, LabNetConfig, TrainConfig
+from dseh import baselines, losses
+from dseh.config import BaselineConfig, ImgNetConfig, LabNetConfig, TrainConfig
 from dseh.errors import DsehError
 from dseh.models.nets import ImgNet, LabNet
 
@@ -285,6 +286,12 @@ def imgnet_param_groups(model: ImgNet, base_lr: float, mult: float) -> tuple[lis
     return groups, [1.0, m]
 
 
+def place_model(model: ImgNet, device: torch.device, cfg: TrainConfig) -> ImgNet:
+    """The image network on its device, in channels_last when asked (faster on CPU and GPU alike)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
 def gather_images(images: np.ndarray, items: np.ndarray) -> np.ndarray:
     """uint8 rows of the memory-mapped array, read in ascending order then put back in `items` order."""
     order = np.argsort(items, kind="stable")
@@ -293,46 +300,87 @@ def gather_images(images: np.ndarray, items: np.ndarray) -> np.ndarray:
     return out
 
 
+# (batch item indices on the device, f^v, u, global step) -> {'loss': total, term: value}
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
+
+
+def dseh_objective(labels: torch.Tensor, B_lab: torch.Tensor, F_lab: torch.Tensor, cfg: ImgNetConfig) -> Objective:
+    """DSEH's L_Img = gamma_if L_f + eta L_h against LabNet's fixed targets (B^l, F^l)."""
+    Y = labels.float()
+
+    def objective(t: torch.Tensor, f: torch.Tensor, u: torch.Tensor, _step: int) -> dict[str, torch.Tensor]:
+        S = losses.similarity(Y, Y[t])
+        lf = losses.semantic_supervision_lf(F_lab, f, S, cfg.sim_scale, cfg.logit_scale)
+        lh = losses.code_loss_lh(u, B_lab[t], cfg.code_scale, cfg.code_target)
+        return {"loss": cfg.gamma_if * lf + cfg.eta * lh, "L_f": lf.detach(), "L_h": lh.detach()}
+
+    return objective
+
+
+def dpsh_objective(labels: torch.Tensor, U_buf: torch.Tensor, eta: float) -> Objective:
+    """DPSH: all training items (buffer U of their latest u) x the batch, as in DPSH's own code."""
+    Y = labels.float()
+
+    def objective(t: torch.Tensor, _f: torch.Tensor, u: torch.Tensor, _step: int) -> dict[str, torch.Tensor]:
+        U_buf[t] = u.detach()
+        return {"loss": baselines.dpsh_loss(U_buf, u, losses.similarity(Y, Y[t]), eta)}
+
+    return objective
+
+
+def hashnet_objective(labels: torch.Tensor, bits: int, cfg: BaselineConfig) -> Objective:
+    """HashNet: batch x batch pairs (as in HashNet's code), h = tanh(beta u) with beta raised by the
+    continuation schedule on the global step, alpha = hashnet_alpha_bits / bits."""
+    Y = labels.float()
+    alpha = cfg.hashnet_alpha_bits / bits
+
+    def objective(t: torch.Tensor, _f: torch.Tensor, u: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        y = Y[t]
+        beta = baselines.hashnet_beta(step, cfg.hashnet_step_size, cfg.hashnet_gamma, cfg.hashnet_power)
+        loss = baselines.hashnet_loss(u, u, losses.similarity(y, y), beta, alpha)
+        return {"loss": loss, "beta": torch.tensor(beta)}
+
+    return objective
+
+
 def imgnet_phase(
     model: ImgNet,
     optimizer: torch.optim.Optimizer,
     lr_mults: list[float],
     images: np.ndarray,
     train_items: np.ndarray,
-    labels: torch.Tensor,
-    B_lab: torch.Tensor,
-    F_lab: torch.Tensor,
+    objective: Objective,
     cfg: ImgNetConfig,
     train_cfg: TrainConfig,
     round_index: int,
     epochs: int,
     seed: int,
     device: torch.device,
+    step_offset: int = 0,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> Phase:
-    """ImgNet's step: images -> (f^v, u); L_Img = gamma_if L_f + eta L_h against LabNet's fixed targets."""
-    Y = labels.float()
+    """The image network's step: memory-mapped uint8 images -> (f^v, u) -> `objective` (DSEH's
+    L_Img, or a deep baseline's loss: only the objective differs between methods).
+    `step_offset` is the number of steps of earlier rounds (HashNet's continuation counts them)."""
     pin = device.type == "cuda"
+    per_epoch = -(-len(train_items) // cfg.batch_size)
 
-    def fetch(idx: np.ndarray, epoch: int, b: int) -> torch.Tensor:
+    def fetch(idx: np.ndarray, epoch: int, b: int) -> tuple[torch.Tensor, int]:
         x = gather_images(images, train_items[idx])
         if cfg.flip:
             rng = np.random.default_rng([seed, round_index, epoch, b])
             flip = rng.random(len(idx)) < 0.5
             x[flip] = x[flip, :, ::-1]
         t = torch.from_numpy(x)
-        return t.pin_memory() if pin else t
+        return (t.pin_memory() if pin else t), step_offset + epoch * per_epoch + b
 
-    def step(idx: np.ndarray, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(idx: np.ndarray, batch: tuple[torch.Tensor, int]) -> dict[str, torch.Tensor]:
+        x, global_step = batch
         t = torch.from_numpy(idx).to(device)
         x = x.to(device, non_blocking=True)
         with _autocast(device, train_cfg.amp):
             f, u = model(x)
-        f, u = f.float(), u.float()
-        S = losses.similarity(Y, Y[t])
-        lf = losses.semantic_supervision_lf(F_lab, f, S, cfg.sim_scale, cfg.logit_scale)
-        lh = losses.code_loss_lh(u, B_lab[t], cfg.code_scale, cfg.code_target)
-        total = cfg.gamma_if * lf + cfg.eta * lh
-        return {"loss": total, "L_f": lf.detach(), "L_h": lh.detach()}
+        return objective(t, f.float(), u.float(), global_step)
 
     return Phase(
         name="imgnet",
@@ -346,6 +394,7 @@ def imgnet_phase(
         lr_mults=lr_mults,
         fetch=fetch,
         step=step,
+        buffers=buffers or {},
         seed=seed,
     )
 
