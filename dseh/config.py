@@ -163,17 +163,17 @@ class CompareConfig:
     # one string per trial, space-separated key=value overrides; every deep method gets as many trials
     trials_dseh: tuple[str, ...] = (
         "imgnet.lr_exp=3.5",
-        "imgnet.lr_exp=3.0",
+        "imgnet.lr_exp=4.0",
         "imgnet.lr_exp=3.5 imgnet.gamma_if=0.5",
     )
     trials_dpsh: tuple[str, ...] = (
         "imgnet.lr_exp=3.5 baseline.dpsh_eta=0.1",
-        "imgnet.lr_exp=3.0 baseline.dpsh_eta=0.1",
+        "imgnet.lr_exp=4.0 baseline.dpsh_eta=0.1",
         "imgnet.lr_exp=3.5 baseline.dpsh_eta=1.0",
     )
     trials_hashnet: tuple[str, ...] = (
         "imgnet.lr_exp=3.5 baseline.hashnet_alpha_bits=10",
-        "imgnet.lr_exp=3.0 baseline.hashnet_alpha_bits=10",
+        "imgnet.lr_exp=4.0 baseline.hashnet_alpha_bits=10",
         "imgnet.lr_exp=3.5 baseline.hashnet_alpha_bits=20",
     )
     jobs: int = 2  # runs in parallel, one torch thread each (results do not depend on it)
@@ -221,6 +221,9 @@ _CHOICES = {
 }
 
 
+_MAY_BE_EMPTY = {"compare.ablations", "compare.equal_time_bits"}  # lists that may opt out with []
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -234,7 +237,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
         (inner,) = typing.get_args(tp)[:1]
-        if not isinstance(value, (list, tuple)) or not value:
+        if not isinstance(value, (list, tuple)) or (not value and key not in _MAY_BE_EMPTY):
             raise bad
         return tuple(_coerce(key, inner, v) for v in value)
     if tp is bool:

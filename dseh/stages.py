@@ -53,6 +53,7 @@ STAGE_PARAMS = {
     "promote": ["tracking", "promote"],
     "sweep": ["seed", "method", "labnet", "train", "imgnet", "baseline", "evaluate"],
     "map_table": ["sweep"],
+    "compare": ["seed", "labnet", "imgnet", "train", "baseline", "evaluate", "compare"],  # comparison/dvc.yaml
 }
 
 

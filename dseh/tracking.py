@@ -35,12 +35,13 @@ TAG_KEY = "dseh.pipeline_key"
 TAG_STEP = "dseh.step"
 
 
-DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's embedded default: a SQLite file in the working directory
+DEFAULT_DB = "mlflow.db"  # MLflow's embedded default: a SQLite file in the working directory
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the embedded default store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """MLFLOW_TRACKING_URI, else the embedded default store, by absolute path (MLflow caches stores
+    by URI, so a relative one would follow the first working directory of the process)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
 
 
 def check_server(uri: str, timeout_s: float) -> None:
