@@ -74,8 +74,10 @@ def validation_split(data: PreparedData, fraction: float, seed: int) -> Prepared
 
 
 def _fingerprint(cfg: Config, spec: RunSpec, data: PreparedData) -> str:
-    # the package version, not the commit: a documentation commit must not throw away an hour of runs
-    return stages._fingerprint("compare-run", to_dict(cfg), asdict(spec), data.sha256, __version__)
+    # the package version, not the commit: a documentation commit must not throw away an hour of runs;
+    # the compare section is left out, so adding seeds or lengths reuses the runs already done
+    run_cfg = {k: v for k, v in to_dict(cfg).items() if k != "compare"}
+    return stages._fingerprint("compare-run", run_cfg, asdict(spec), data.sha256, __version__)
 
 
 def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_fraction: float) -> dict:
