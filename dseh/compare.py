@@ -289,6 +289,20 @@ def build_tables(base: Config, results: list[dict]) -> dict:
             rows.append([label, *cells])
         md.append(f"**Table 1, {title}** (mean ± std over seeds {list(c.seeds)})\n\n")
         md.append(_markdown(["method", *[f"{b} bits" for b in c.bits]], rows) + "\n")
+    budget = []
+    for label in labels:
+        runs = [r for r in t1 if r["label"] == label]
+        epochs = sorted({r["imgnet_epochs"] for r in runs})
+        secs = [
+            f"{np.mean([r['train_seconds'] for r in runs if r['bits'] == b]):.0f}"
+            for b in c.bits
+            if any(r["bits"] == b for r in runs)
+        ]
+        budget.append([label, ", ".join(map(str, epochs)), " / ".join(secs)])
+    md.append(
+        "**Training budget** (image-network epochs; mean training seconds per run at each length, one thread)\n\n"
+    )
+    md.append(_markdown(["method", "epochs", "seconds"], budget) + "\n")
     # Table 2
     t2 = [r for r in results if r["group"] == "table2" or (r["group"] == "table1" and r["label"] == "DSEH")]
     t2 = [r for r in t2 if r["bits"] == c.ablation_bits]

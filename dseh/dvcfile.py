@@ -17,7 +17,6 @@ from dseh.stages import (
     PRECISION_AT,
     REPORT,
     STAGE_PARAMS,
-    TARGETS,
     TRAIN_OUTPUTS,
     Layout,
 )
@@ -59,14 +58,15 @@ def render(cfg: Config, layout: Layout = Layout()) -> str:
         lab, img = layout.labnet(r), layout.imgnet(r)
         deps = [lib, str(layout.data)]
         if r > 0:
-            deps += [str(layout.labnet(r - 1) / MODEL), str(layout.imgnet(r - 1) / TRAIN_OUTPUTS)]
+            deps += [str(layout.labnet(r - 1)), str(layout.imgnet(r - 1) / TRAIN_OUTPUTS)]
         stages[f"train_labnet_r{r}"] = {
             "cmd": f"dseh train-labnet -q --round {r}",
             "deps": deps,
             "params": STAGE_PARAMS["train_labnet"],
             "outs": [str(lab)],
         }
-        deps = [lib, str(layout.data), str(lab / MODEL), str(lab / TARGETS)] + weights
+        # the LabNet output as a whole: with method other than dseh it holds no model, only its summary
+        deps = [lib, str(layout.data), str(lab)] + weights
         if r > 0:
             deps.append(str(layout.imgnet(r - 1) / MODEL))
         stages[f"train_imgnet_r{r}"] = {
@@ -82,8 +82,7 @@ def render(cfg: Config, layout: Layout = Layout()) -> str:
         "deps": [
             lib,
             str(layout.data),
-            str(layout.labnet(last) / MODEL),
-            str(layout.labnet(last) / TARGETS),
+            str(layout.labnet(last)),
             str(layout.imgnet(last) / CODES),
             str(layout.imgnet(last) / TRAIN_OUTPUTS),
         ],

@@ -4,6 +4,7 @@ validation split, Tables 1 and 2 with collapse counted, the run cache, MLflow lo
 import csv
 import json
 import math
+import os
 
 import mlflow
 import numpy as np
@@ -233,3 +234,21 @@ def test_comparison_dvc_stage_follows_the_stage_contract(compared):
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     written = {p.name for p in (root / "out").iterdir()}
     assert {o.removeprefix("outputs/compare/") for o in outs} == written
+
+
+@pytest.mark.parametrize("method", ["dpsh", "itq"])
+def test_every_dvc_dependency_exists_for_the_other_methods(tmp_path, data_dir, method):
+    from dseh.dvcfile import render
+
+    cfg = from_dict(tiny_raw(method=method, train={"rounds": 2}, imgnet={"epochs": [1]}))
+    lay = stages.Layout(tmp_path)
+    lay.data.symlink_to(data_dir)
+    for r in range(2):
+        prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
+        stages.train_labnet(cfg, lay.data, r, lay.labnet(r), prev_l, prev_i, progress=False)
+        stages.train_imgnet(cfg, lay.data, r, lay.labnet(r), lay.imgnet(r), prev_i, progress=False)
+    stages.evaluate(cfg, lay.data, lay.labnet(1), lay.imgnet(1), lay.eval, progress=False)
+    graph = yaml.safe_load(render(cfg, lay))["stages"]
+    for name in ("train_labnet_r1", "train_imgnet_r0", "train_imgnet_r1", "evaluate", "promote"):
+        missing = [d for d in graph[name]["deps"] if d != "dseh" and not os.path.exists(d)]
+        assert not missing, (name, missing)
