@@ -294,13 +294,14 @@ def build_tables(base: Config, results: list[dict]) -> dict:
         runs = [r for r in t1 if r["label"] == label]
         epochs = sorted({r["imgnet_epochs"] for r in runs})
         secs = [
-            f"{np.mean([r['train_seconds'] for r in runs if r['bits'] == b]):.0f}"
+            f"{b}: {np.mean([r['train_seconds'] for r in runs if r['bits'] == b]):.0f}"
             for b in c.bits
             if any(r["bits"] == b for r in runs)
         ]
-        budget.append([label, ", ".join(map(str, epochs)), " / ".join(secs)])
+        budget.append([label, ", ".join(map(str, epochs)), ", ".join(secs)])
     md.append(
-        "**Training budget** (image-network epochs; mean training seconds per run at each length, one thread)\n\n"
+        f"**Training budget** (image-network epochs; bits: mean training seconds per run, one thread, "
+        f"{c.jobs} run(s) at a time)\n\n"
     )
     md.append(_markdown(["method", "epochs", "seconds"], budget) + "\n")
     # Table 2
