@@ -22,7 +22,16 @@ import numpy as np
 
 from dseh import __version__, stages, tracking
 from dseh.codes import unpack
-from dseh.config import DEEP_METHODS, Config, ablation_overrides, dump_config, from_dict, to_dict, trials
+from dseh.config import (
+    DEEP_METHODS,
+    Config,
+    ablation_overrides,
+    dump_config,
+    epochs_for_round,
+    from_dict,
+    to_dict,
+    trials,
+)
 from dseh.data import PreparedData
 from dseh.storage import atomic_dir
 
@@ -109,7 +118,7 @@ def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_frac
     rep = stages._query_database_report(cfg.evaluate, data, codes[data.query], codes[data.database], cfg.bits)
     state = baselines.collapse(unpack(codes[data.database], cfg.bits), cfg.baseline.collapse_min_distinct)
     epochs = (
-        sum(stages.epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds))
+        sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds))
         if cfg.method in DEEP_METHODS
         else 0
     )

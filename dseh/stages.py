@@ -722,6 +722,7 @@ def promote(
         "dseh.protocol": f"top{metrics['protocol_topk']}/{metrics['bits']}bits/{len(data.query)}q/{len(data.database)}db",
         "dseh.dataset_sha256": data.sha256,
         "dseh.code_version": str(img_state.get("code_version")),
+        "dseh.method": str(img_state.get("method", "dseh")),
     }
     reg = cfg.tracking.registered_model
     decision: dict = {"registered_model": reg, "metric": name, "value": float(value)}
