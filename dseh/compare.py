@@ -108,11 +108,7 @@ def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_frac
     shutil.rmtree(work, ignore_errors=True)
     lay = stages.Layout(work)
     t0 = time.perf_counter()
-    lab_summary: dict = {}
-    for r in range(cfg.train.rounds):
-        prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
-        lab_summary = stages.train_labnet(cfg, data, r, lay.labnet(r), prev_l, prev_i, progress=False)
-        stages.train_imgnet(cfg, data, r, lay.labnet(r), lay.imgnet(r), prev_i, progress=False)
+    lab_summary = stages.train_rounds(cfg, data, lay, progress=False)
     seconds = time.perf_counter() - t0
     codes = np.load(lay.imgnet(cfg.train.rounds - 1) / stages.CODES)
     rep = stages._query_database_report(cfg.evaluate, data, codes[data.query], codes[data.database], cfg.bits)

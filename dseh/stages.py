@@ -799,12 +799,20 @@ def sweep_bits(cfg: Config, data_dir: str | Path, bits: int, out_root: str | Pat
 
     c = dataclasses.replace(cfg, bits=bits)
     lay = Layout(Path(out_root))
-    for r in range(c.train.rounds):
-        prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
-        train_labnet(c, data_dir, r, lay.labnet(r), prev_l, prev_i, progress)
-        train_imgnet(c, data_dir, r, lay.labnet(r), lay.imgnet(r), prev_i, progress)
+    train_rounds(c, data_dir, lay, progress)
     last = c.train.rounds - 1
     return evaluate(c, data_dir, lay.labnet(last), lay.imgnet(last), lay.eval, progress)
+
+
+def train_rounds(cfg: Config, data: str | Path | PreparedData, lay: Layout, progress: bool = True) -> dict:
+    """Every round's LabNet and ImgNet phases under `lay`, each continuing the round before;
+    returns the last LabNet summary."""
+    summary: dict = {}
+    for r in range(cfg.train.rounds):
+        prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
+        summary = train_labnet(cfg, data, r, lay.labnet(r), prev_l, prev_i, progress)
+        train_imgnet(cfg, data, r, lay.labnet(r), lay.imgnet(r), prev_i, progress)
+    return summary
 
 
 def map_table(cfg: Config, sweep_root: str | Path, out_dir: str | Path) -> list[dict]:

@@ -243,10 +243,7 @@ def test_every_dvc_dependency_exists_for_the_other_methods(tmp_path, data_dir, m
     cfg = from_dict(tiny_raw(method=method, train={"rounds": 2}, imgnet={"epochs": [1]}))
     lay = stages.Layout(tmp_path)
     lay.data.symlink_to(data_dir)
-    for r in range(2):
-        prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
-        stages.train_labnet(cfg, lay.data, r, lay.labnet(r), prev_l, prev_i, progress=False)
-        stages.train_imgnet(cfg, lay.data, r, lay.labnet(r), lay.imgnet(r), prev_i, progress=False)
+    stages.train_rounds(cfg, lay.data, lay, progress=False)
     stages.evaluate(cfg, lay.data, lay.labnet(1), lay.imgnet(1), lay.eval, progress=False)
     graph = yaml.safe_load(render(cfg, lay))["stages"]
     for name in ("train_labnet_r1", "train_imgnet_r0", "train_imgnet_r1", "evaluate", "promote"):
