@@ -1,12 +1,22 @@
 """ImgNet training throughput (images/s) per backbone on the current device.
 
-Runs the real ImgNet training step (forward, both losses, backward, clipping, Adam) on random
-uint8 images at each backbone's input size, after warm-up steps. CNN-F is built from a
-MatConvNet-layout file with random weights of the real shapes (tests/matconvnet.py), written to a
-temp folder.
+Two modes:
+- `--mode step` (default): the real ImgNet training step (forward, both losses, backward, clipping,
+  Adam) on random uint8 images already in memory, after warm-up steps.
+- `--mode loop`: the whole training loop, `train.run_phase`, over a uint8 memory-mapped .npy of
+  random images on disk (the prepared data's layout): gather threads, pinned memory, non-blocking
+  copies, bf16 autocast, channels_last and optionally torch.compile, as a training step runs them.
+  It prints images/s of the epochs after the first (warm-up, compile) and, on CUDA, the GPU
+  utilisation sampled by nvidia-smi over those epochs. Under torchrun every rank runs it and rank 0
+  prints the throughput of all ranks together.
+
+CNN-F is built from a MatConvNet-layout file with random weights of the real shapes
+(tests/matconvnet.py), written to a temp folder.
 
 Usage: .venv/bin/python benchmarks/bench_train.py [--backbones small,cnnf,alexnet,vgg16,resnet50]
-       [--steps 5] [--batch 128] [--device auto]
+       [--mode step|loop] [--steps 5] [--batch 128] [--device auto] [--compile] [--no-amp]
+       [--workers 2] [--n-train 4096] [--epochs 3]
+       torchrun --nproc-per-node N benchmarks/bench_train.py --mode loop ...
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ def bench(
     model.train()
 
     def step():
-        terms = phase.step(idx, phase.fetch(idx, 0, 0))
+        terms = phase.step(model, idx, phase.fetch(idx, 0, 0))
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
@@ -73,24 +83,165 @@ def bench(
     return steps * batch / (time.perf_counter() - t0)
 
 
+class GpuSampler:
+    """nvidia-smi's utilisation.gpu of one GPU, sampled every 100 ms in the background."""
+
+    def __init__(self, index: int):
+        import shutil
+        import subprocess
+
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            cmd = ["nvidia-smi", "-i", str(index), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+            self.proc = subprocess.Popen([*cmd, "-lms", "100"], stdout=subprocess.PIPE, text=True)
+            self.samples: list[tuple[float, float]] = []
+            import threading
+
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append((time.perf_counter(), float(line.strip())))
+            except ValueError:
+                pass
+
+    def mean(self, start: float, end: float) -> float | None:
+        vals = [v for t, v in getattr(self, "samples", []) if start <= t <= end]
+        return sum(vals) / len(vals) if vals else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def bench_loop(name: str, weights: str, size: int, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
+    """The real training loop over a memory-mapped file; images/s after the first epoch."""
+    info = train.dist_info()
+    cfg = from_dict(
+        {
+            "bits": 32,
+            "imgnet": {"backbone": name, "weights": weights, "batch_size": args.batch, "epochs": [args.epochs]},
+            "train": {
+                "loader_workers": args.workers,
+                "amp": not args.no_amp,
+                "compile": args.compile,
+                "channels_last": not args.no_channels_last,
+            },
+        }
+    )
+    path = tmp / f"images-{size}.npy"
+    if info.main and not path.exists():
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(args.n_train, size, size, 3))
+        rng = np.random.default_rng(0)
+        for s in range(0, args.n_train, 512):
+            mm[s : s + 512] = rng.integers(0, 255, mm[s : s + 512].shape, dtype=np.uint8)
+        mm.flush()
+        del mm
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    images = np.load(path, mmap_mode="r")
+    torch.manual_seed(0)
+    model = train.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
+    groups, mults = train.imgnet_param_groups(model, 1e-4, 0.1)
+    opt = train.make_optimizer(groups, cfg.train)
+    rng = np.random.default_rng(0)
+    n = args.n_train
+    labels = torch.from_numpy((rng.random((n, 21)) < 0.2).astype(np.float32)).to(device)
+    B = torch.from_numpy(np.where(rng.random((n, 32)) < 0.5, 1.0, -1.0).astype(np.float32)).to(device)
+    F = torch.from_numpy(rng.random((n, 512)).astype(np.float32)).to(device)
+    objective = train.dseh_objective(labels, B, F, cfg.imgnet)
+    phase = train.imgnet_phase(
+        model, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, args.epochs, 0, device
+    )
+    sampler = GpuSampler(device.index or 0) if device.type == "cuda" and info.main else None
+    t_start = time.perf_counter()
+    history = train.run_phase(phase, cfg.train, None, "bench", progress=False)
+    t_end = time.perf_counter()
+    util = None
+    if sampler is not None:
+        warm = history[0]["seconds"]
+        util = sampler.mean(t_start + warm + 0.5, t_end - 0.2)
+        sampler.stop()
+    steady = history[1:] or history
+    seconds = sum(h["seconds"] for h in steady)
+    return {
+        "images_per_s": len(steady) * n / seconds,
+        "first_epoch_s": history[0]["seconds"],
+        "gpu_util": util,
+        "precision": train.precision(device, cfg.train.amp),
+    }
+
+
+def backbone_input(name: str, tmp: Path, info: train.Dist) -> tuple[str, int]:
+    """(weights file, input size) of a backbone: CNN-F's random-weight .mat is written by rank 0."""
+    if name == "small":
+        return "", 32
+    if name != "cnnf":
+        return "", 224
+    weights = tmp / "vgg-f.mat"
+    if info.main:
+        write_cnnf(str(weights), convs=FULL_CONVS, std=0.01)
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return str(weights), 224
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbones", default="small,cnnf,alexnet,resnet50")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--mode", choices=["step", "loop"], default="step")
+    ap.add_argument("--compile", action="store_true", help="loop: torch.compile the training step")
+    ap.add_argument("--no-amp", action="store_true", help="loop: float32 instead of bf16 autocast")
+    ap.add_argument("--no-channels-last", action="store_true")
+    ap.add_argument("--workers", type=int, default=4, help="loop: batch-gathering threads per process")
+    ap.add_argument("--n-train", type=int, default=4096, help="loop: images in the memory-mapped file")
+    ap.add_argument("--epochs", type=int, default=3, help="loop: epochs, the first one not timed")
+    ap.add_argument("--tmp", help="loop: folder for the memory-mapped file (default: a temp folder)")
     args = ap.parse_args()
+    info = train.init_distributed(args.device)
     device = train.resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.mode == "loop":
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            if info.enabled:  # every rank uses rank 0's folder
+                import torch.distributed as dist
+
+                box = [tmp]
+                dist.broadcast_object_list(box, src=0)
+                tmp = box[0]
+            if info.main:
+                print(
+                    f"device: {card} x {info.world} process(es); torch {torch.__version__}; batch {args.batch} per "
+                    f"step over all processes; {args.n_train} images; {args.workers} gather threads; "
+                    f"compile={args.compile}; epochs after the first timed"
+                )
+            for name in args.backbones.split(","):
+                weights, size = backbone_input(name, Path(tmp), info)
+                r = bench_loop(name, weights, size, args, device, Path(tmp))
+                if info.main:
+                    util = "" if r["gpu_util"] is None else f", GPU utilisation {r['gpu_util']:.0f}%"
+                    print(
+                        f"{name:10} {size:>3}x{size:<3} {r['images_per_s']:9.1f} images/s training loop "
+                        f"({r['precision']}; first epoch {r['first_epoch_s']:.1f} s{util})",
+                        flush=True,
+                    )
+            if info.enabled:
+                dist.barrier()
+        train.leave_distributed()
+        return
     print(f"device: {card}; torch {torch.__version__}; batch {args.batch}; {args.steps} timed steps after 2 warm-up")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbones.split(","):
-            weights, size = "", 224
-            if name == "small":
-                size = 32
-            if name == "cnnf":
-                weights = str(Path(tmp) / "vgg-f.mat")
-                write_cnnf(weights, convs=FULL_CONVS, std=0.01)
+            weights, size = backbone_input(name, Path(tmp), info)
             ips = bench(name, weights, size, args.batch, args.steps, device)
             print(f"{name:10} {size:>3}x{size:<3} {ips:9.1f} images/s training")
 

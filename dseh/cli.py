@@ -308,3 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dseh: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the data-parallel group the training step joined."""
+    if "dseh.train" in sys.modules:
+        sys.modules["dseh.train"].leave_distributed()

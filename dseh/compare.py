@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dseh import __version__, stages, tracking
+from dseh import __version__, stages, tracking, train
 from dseh.codes import unpack
 from dseh.config import (
     DEEP_METHODS,
@@ -85,8 +85,10 @@ def validation_split(data: PreparedData, fraction: float, seed: int) -> Prepared
 def _fingerprint(cfg: Config, spec: RunSpec, data: PreparedData) -> str:
     # the package version, not the commit: a documentation commit must not throw away an hour of runs;
     # the compare section is left out, so adding seeds or lengths reuses the runs already done
+    # the compute precision counts too: bf16 autocast depends on the machine (train.precision)
     run_cfg = {k: v for k, v in to_dict(cfg).items() if k != "compare"}
-    return stages._fingerprint("compare-run", run_cfg, asdict(spec), data.sha256, __version__)
+    prec = train.precision(train.resolve_device(cfg.train.device), cfg.train.amp)
+    return stages._fingerprint("compare-run", run_cfg, asdict(spec), data.sha256, __version__, prec)
 
 
 def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_fraction: float) -> dict:

@@ -92,8 +92,9 @@ class TrainConfig:
     step_exp: float = 0.5
     clip_value: float = 1.0  # gradients clipped by value to [-clip, clip]; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # ImgNet in bf16 autocast where the device computes bf16 natively (train.precision)
     channels_last: bool = True
+    compile: bool = False  # torch.compile the network's training step (CUDA; compile time is paid per step run)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     loader_workers: int = 2  # threads gathering batches from the memory-mapped images
 

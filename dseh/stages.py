@@ -215,6 +215,7 @@ def train_labnet(
             _write_step_dir(tmp, cfg, summary)
         return summary
     data = _open_data(data_dir)
+    rank = train.init_distributed(cfg.train.device)
     with tracking.step_run(cfg, "train_labnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
         device = train.resolve_device(cfg.train.device)
         seed = phase_seed(cfg.seed, "labnet", round_index)
@@ -248,6 +249,8 @@ def train_labnet(
         ckpt = _checkpoint_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
+        if not rank.main:  # rank 0 writes the step output
+            return {"round": round_index, "rank": rank.rank, "epochs": epochs}
         F_lab, H_lab = train.encode_labels(model, labels)
         B_lab = sign(H_lab.cpu().numpy())
         summary = {
@@ -346,6 +349,7 @@ def train_imgnet(
     data = _open_data(data_dir)
     if cfg.method in SHALLOW_METHODS:
         return fit_linear_hash(cfg, data, round_index, out_dir)
+    rank = train.init_distributed(cfg.train.device)
     with tracking.step_run(cfg, "train_imgnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
         device = train.resolve_device(cfg.train.device)
         seed = phase_seed(cfg.seed, "imgnet", round_index)
@@ -415,13 +419,16 @@ def train_imgnet(
             cfg.seed,
             cfg.bits,
             inputs,
+            train.precision(device, cfg.train.amp),
         )
         ckpt = _checkpoint_path(out)
         t0 = time.perf_counter()
         history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
+        if not rank.main:  # rank 0 encodes and writes the step output
+            return {"round": round_index, "rank": rank.rank, "epochs": epochs}
         all_items = np.arange(len(data.labels))
         f_all, u_all = train.encode_images(
-            model, data.images, all_items, cfg.imgnet.encode_batch_size, device, cfg.train.amp, progress
+            model, data.images, all_items, cfg.imgnet.encode_batch_size, device, progress=progress
         )
         train.finite_or_raise("ImgNet outputs", u_all)
         codes = pack(u_all)
@@ -429,6 +436,7 @@ def train_imgnet(
             "round": round_index,
             "method": cfg.method,
             "epochs": epochs,
+            "precision": train.precision(device, cfg.train.amp),
             "seconds": round(time.perf_counter() - t0, 3),
             "distinct_codes_database": count_distinct(codes[data.database]),
             "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
@@ -591,8 +599,7 @@ def evaluate(
                 np.arange(len(data.labels)),
                 cfg.imgnet.encode_batch_size,
                 device,
-                cfg.train.amp,
-                progress,
+                progress=progress,
             )
             codes = pack(u)
         else:

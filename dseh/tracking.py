@@ -116,9 +116,12 @@ class Tracker:
 @contextmanager
 def step_run(cfg: Config, step: str, dataset_sha: str, tags: dict[str, str] | None = None) -> Iterator[Tracker | None]:
     """A nested MLflow run for one step under the pipeline's parent run; None when tracking is
-    off (or unreachable with tracking.required=false). A failing step ends its run FAILED."""
+    off (or unreachable with tracking.required=false) and on ranks other than 0. A failing step
+    ends its run FAILED."""
     tc: TrackingConfig = cfg.tracking
-    if not tc.enabled:
+    from dseh.train import dist_info
+
+    if not tc.enabled or not dist_info().main:  # under torchrun only rank 0 tracks
         yield None
         return
     uri = tracking_uri()

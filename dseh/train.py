@@ -1,10 +1,15 @@
 """The one training loop (epochs, schedule, clipping, checkpoints, resume, NaN guard) and the two
 DSEH phases that plug into it: LabNet on label vectors and ImgNet on memory-mapped images, whose
 objective is DSEH's or a deep baseline's (DPSH, HashNet).
+
+The loop runs in one process or data-parallel under torchrun (DDP: NCCL on CUDA, gloo on CPU):
+every rank draws the same permutation and takes its share of each global batch, the
+all-training-set buffers receive every rank's batch rows, and only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -28,13 +33,124 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU; 'cuda' without a GPU is an error."""
+    """'auto' picks CUDA when present, else the CPU; 'cuda' without a GPU is an error. Under
+    torchrun, 'auto' and 'cuda' mean this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DsehError(f"params key 'train.device' is '{name}' but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return dev
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the data-parallel group (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def dist_info() -> Dist:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist()
+
+
+def init_distributed(device_name: str, timeout_s: float = 600.0) -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on
+    the CPU. A no-op in a single process or when the group already exists."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist_info()
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    except Exception as exc:  # a rendezvous that never completes, a wrong MASTER_ADDR
+        raise DsehError(f"could not join the torchrun process group: {exc}") from exc
+    info = dist_info()
+    log.info("data-parallel rank %d of %d on %s", info.rank, info.world, device)
+    return info
+
+
+def leave_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The concatenation in rank order of every rank's equally long `x` (x itself in one process).
+    The result carries no gradient."""
+    import torch.distributed as dist
+
+    info = dist_info()
+    if not info.enabled:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(info.world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+def write_rows(buf: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> None:
+    """buf[t] = rows for the batch rows of every rank, so all-training-set buffers stay identical."""
+    buf[all_gather_rows(t)] = all_gather_rows(rows).to(buf.dtype)
+
+
+def global_batch(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of a batch tensor with this rank's own rows (and their gradient) in place:
+    the whole global batch, as a single process would see it."""
+    info = dist_info()
+    if not info.enabled:
+        return x
+    parts = list(all_gather_rows(x).chunk(info.world))
+    parts[info.rank] = x
+    return torch.cat(parts)
+
+
+def rank_batches(perm: np.ndarray, batch_size: int, info: Dist) -> list[np.ndarray]:
+    """This rank's share of each global batch of `perm`: rank r takes positions r, r + N, ... of
+    every batch, which is what DistributedSampler's interleaving gives with the same permutation.
+    With N ranks the permutation is padded by wrapping so that every rank gets equally many rows."""
+    if info.world > 1:
+        if batch_size % info.world:
+            raise DsehError(f"batch size {batch_size} is not divisible by the {info.world} data-parallel ranks")
+        pad = -len(perm) % info.world
+        perm = np.concatenate([perm, perm[:pad]])
+    return [perm[s : s + batch_size][info.rank :: info.world] for s in range(0, len(perm), batch_size)]
+
+
+def _wrap_parallel(model: nn.Module, info: Dist) -> nn.Module:
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
 
 
 def lr_for_epoch(lr_exp: float, step_exp: float, step_epochs: int, epoch: int, round_index: int) -> float:
@@ -62,7 +178,8 @@ class Phase:
     base_lr: Callable[[int], float]  # epoch -> lr of the new layers
     lr_mults: list[float]  # per optimizer param group
     fetch: Callable[[np.ndarray, int, int], Any]  # (indices, epoch, batch number) -> batch, in a thread
-    step: Callable[[np.ndarray, Any], dict[str, torch.Tensor]]  # -> {'loss': total, term: value}
+    # (the model, DDP-wrapped under torchrun; indices; fetched batch) -> {'loss': total, term: value}
+    step: Callable[[nn.Module, np.ndarray, Any], dict[str, torch.Tensor]]
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpointed with the model
     seed: int = 0
 
@@ -95,9 +212,16 @@ def run_phase(
     After every epoch the model, optimiser, buffers, sampler generator and every RNG state go to
     `checkpoint`, so a killed run started again with the same fingerprint resumes from the last
     completed epoch and ends with the same weights as an uninterrupted run.
+
+    Under torchrun every rank runs this with the same seed; gradients are averaged by DDP, the
+    per-epoch loss sums over all ranks, and only rank 0 writes the checkpoint and shows progress.
     """
     from tqdm import tqdm
 
+    info = dist_info()
+    net = _wrap_parallel(phase.model, info)
+    if cfg.compile:  # the step calls the compiled module; phase.model keeps its plain state_dict keys
+        net = torch.compile(net)
     gen = torch.Generator().manual_seed(phase.seed)
     history: list[dict] = []
     start_epoch = 0
@@ -126,7 +250,7 @@ def run_phase(
                 group["lr"] = lr * mult
             phase.model.train()
             perm = torch.randperm(phase.n_items, generator=gen).numpy()
-            batches = [perm[s : s + phase.batch_size] for s in range(0, phase.n_items, phase.batch_size)]
+            batches = rank_batches(perm, phase.batch_size, info)
             sums: dict[str, float] = {}
             t0 = time.perf_counter()
             pending = [pool.submit(phase.fetch, b, epoch, i) for i, b in enumerate(batches[: cfg.loader_workers + 1])]
@@ -134,14 +258,14 @@ def run_phase(
                 total=len(batches),
                 desc=f"{phase.name} r{phase.round_index} e{epoch + 1}/{phase.epochs}",
                 leave=False,
-                disable=not progress,
+                disable=not (progress and info.main),
             )
             for i, idx in enumerate(batches):
                 batch = pending[i].result()
                 if i + cfg.loader_workers + 1 < len(batches):
                     j = i + cfg.loader_workers + 1
                     pending.append(pool.submit(phase.fetch, batches[j], epoch, j))
-                terms = phase.step(idx, batch)
+                terms = phase.step(net, idx, batch)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     bad = next((k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)), "loss")
@@ -164,6 +288,18 @@ def run_phase(
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
             bar.close()
+            if info.enabled:  # the epoch's loss over every rank's items
+                import torch.distributed as dist
+
+                keys = sorted(sums)
+                total = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+                if dist.get_backend() == "nccl":
+                    total = total.cuda()
+                dist.all_reduce(total)
+                sums = dict(zip(keys, total.cpu().tolist()))
+                n_seen = sum(len(b) for b in batches) * info.world
+            else:
+                n_seen = phase.n_items
             seconds = time.perf_counter() - t0
             row = {
                 "round": phase.round_index,
@@ -172,7 +308,7 @@ def run_phase(
                 "seconds": round(seconds, 3),
                 "items_per_s": round(phase.n_items / max(seconds, 1e-9), 1),
             }
-            row.update({k: v / phase.n_items for k, v in sums.items()})
+            row.update({k: v / n_seen for k, v in sums.items()})
             history.append(row)
             log.info(
                 "%s round %d epoch %d/%d: %s",
@@ -182,7 +318,7 @@ def run_phase(
                 phase.epochs,
                 ", ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float) and k not in ("lr",)),
             )
-            if checkpoint is not None:
+            if checkpoint is not None and info.main:
                 _save_atomic(
                     {
                         "fingerprint": fingerprint,
@@ -201,9 +337,25 @@ def run_phase(
     return history
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU that supports it, or a CPU with AMX or
+    AVX512-BF16 (elsewhere bf16 would be emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # an older or non-x86 build
+        return False
+
+
+def precision(device: torch.device, amp: bool) -> str:
+    """'bf16' when train.amp is on and the device computes bf16 natively, else 'fp32'."""
+    return "bf16" if amp and native_bf16(device) else "fp32"
+
+
 def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision(device, amp) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -230,12 +382,12 @@ def labnet_phase(
     L_Lab = gamma_pf J1 + gamma_ph J2 + beta J3 + gamma_hl J4."""
     Y = labels.float()
 
-    def step(idx: np.ndarray, _batch: Any) -> dict[str, torch.Tensor]:
+    def step(net: nn.Module, idx: np.ndarray, _batch: Any) -> dict[str, torch.Tensor]:
         t = torch.from_numpy(idx).to(Y.device)
         y = Y[t]
-        f, h, logits = model(y)
-        F_buf[t] = f.detach()
-        H_buf[t] = h.detach()
+        f, h, logits = net(y)
+        write_rows(F_buf, t, f)
+        write_rows(H_buf, t, h)
         S = losses.similarity(Y, y)
         j1 = losses.semantic_loss_j1(F_buf, f, S, cfg.sim_scale, cfg.logit_scale)
         j2 = losses.hamming_loss_j2(H_buf, h, S, cfg.sim_scale, cfg.logit_scale)
@@ -323,7 +475,7 @@ def dpsh_objective(labels: torch.Tensor, U_buf: torch.Tensor, eta: float) -> Obj
     Y = labels.float()
 
     def objective(t: torch.Tensor, _f: torch.Tensor, u: torch.Tensor, _step: int) -> dict[str, torch.Tensor]:
-        U_buf[t] = u.detach()
+        write_rows(U_buf, t, u)
         return {"loss": baselines.dpsh_loss(U_buf, u, losses.similarity(Y, Y[t]), eta)}
 
     return objective
@@ -336,9 +488,10 @@ def hashnet_objective(labels: torch.Tensor, bits: int, cfg: BaselineConfig) -> O
     alpha = cfg.hashnet_alpha_bits / bits
 
     def objective(t: torch.Tensor, _f: torch.Tensor, u: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        y = Y[t]
+        # under DDP: this rank's rows against the whole global batch, the pairs a single process sees
+        y_all, u_all = Y[all_gather_rows(t)], global_batch(u)
         beta = baselines.hashnet_beta(step, cfg.hashnet_step_size, cfg.hashnet_gamma, cfg.hashnet_power)
-        loss = baselines.hashnet_loss(u, u, losses.similarity(y, y), beta, alpha)
+        loss = baselines.hashnet_loss(u_all, u, losses.similarity(y_all, Y[t]), beta, alpha)
         return {"loss": loss, "beta": torch.tensor(beta)}
 
     return objective
@@ -366,21 +519,25 @@ def imgnet_phase(
     pin = device.type == "cuda"
     per_epoch = -(-len(train_items) // cfg.batch_size)
 
+    @functools.lru_cache(maxsize=2)
+    def flips(epoch: int) -> np.ndarray:
+        # per training item and epoch, so a rank's share of a batch is flipped as in one process
+        return np.random.default_rng([seed, round_index, epoch]).random(len(train_items)) < 0.5
+
     def fetch(idx: np.ndarray, epoch: int, b: int) -> tuple[torch.Tensor, int]:
         x = gather_images(images, train_items[idx])
         if cfg.flip:
-            rng = np.random.default_rng([seed, round_index, epoch, b])
-            flip = rng.random(len(idx)) < 0.5
+            flip = flips(epoch)[idx]
             x[flip] = x[flip, :, ::-1]
         t = torch.from_numpy(x)
         return (t.pin_memory() if pin else t), step_offset + epoch * per_epoch + b
 
-    def step(idx: np.ndarray, batch: tuple[torch.Tensor, int]) -> dict[str, torch.Tensor]:
+    def step(net: nn.Module, idx: np.ndarray, batch: tuple[torch.Tensor, int]) -> dict[str, torch.Tensor]:
         x, global_step = batch
         t = torch.from_numpy(idx).to(device)
         x = x.to(device, non_blocking=True)
         with _autocast(device, train_cfg.amp):
-            f, u = model(x)
+            f, u = net(x)
         return objective(t, f.float(), u.float(), global_step)
 
     return Phase(
@@ -407,18 +564,18 @@ def encode_images(
     items: np.ndarray,
     batch: int,
     device: torch.device,
-    amp: bool = True,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(f^v float32 (n, 512), u float32 (n, K)) for the given items, eval mode, no augmentation."""
+    """(f^v float32 (n, 512), u float32 (n, K)) for the given items, eval mode, no augmentation.
+    Always in float32, whatever train.amp says: the stored database codes then match the codes
+    that the served model (float32 on any machine) gives the same image."""
     from tqdm import tqdm
 
     model.eval()
     fs, us = [], []
     for s in tqdm(range(0, len(items), batch), desc="encode", leave=False, disable=not progress):
         x = torch.from_numpy(gather_images(images, items[s : s + batch])).to(device)
-        with _autocast(device, amp):
-            f, u = model(x)
+        f, u = model(x)
         fs.append(f.float().cpu().numpy())
         us.append(u.float().cpu().numpy())
     return np.concatenate(fs), np.concatenate(us)

@@ -29,6 +29,16 @@ def test_itq_rotation_is_orthogonal_and_loss_never_increases():
     assert set(np.unique(codes)) == {-1, 1}
 
 
+@pytest.mark.parametrize("shape", [(200, 30), (30, 200)])
+def test_principal_components_span_the_top_singular_directions(shape):
+    x = np.random.default_rng(1).normal(size=shape) * np.linspace(3, 0.1, shape[1])
+    xc = x - x.mean(0)
+    pcs = bl.principal_components(xc, 6)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    # the same directions in the same order, each up to its sign
+    np.testing.assert_allclose(np.abs(vt[:6] @ pcs), np.eye(6), atol=1e-6)
+
+
 def test_itq_beats_lsh_on_clustered_features_and_both_beat_chance():
     rng = np.random.default_rng(1)
     x, y = clustered(rng)

@@ -101,7 +101,7 @@ def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
         torch.device("cpu"), step_offset=7,
     )  # fmt: skip
     idx = np.arange(3)
-    phase.step(idx, phase.fetch(idx, 2, 0))
+    phase.step(phase.model, idx, phase.fetch(idx, 2, 0))
     per_epoch = -(-10 // tiny_cfg.imgnet.batch_size)
     assert seen == [7 + 2 * per_epoch]
 

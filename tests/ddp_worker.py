@@ -1,0 +1,67 @@
+"""Run under torchrun by tests/test_ddp.py (or alone for the single-process reference): trains
+LabNet and a DPSH ImgNet phase through train.run_phase on fixed synthetic data and saves, per
+rank, the all-training-set buffers and the final parameters to OUT/rank<R>.pt."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dseh import train
+from dseh.config import from_dict
+from dseh.models.backbones import SmallCNN
+from dseh.models.nets import ImgNet
+
+
+def main(out: Path) -> None:
+    info = train.init_distributed("cpu")
+    cfg = from_dict(
+        {
+            "bits": 16,
+            "labnet": {"hidden": 64, "batch_size": 16, "epochs": [2]},
+            "imgnet": {"batch_size": 16, "epochs": [2]},
+            "train": {"threads": 1, "loader_workers": 1},
+        }
+    )
+    train.set_determinism(0, 1)
+    rng = np.random.default_rng(0)
+    n = 90  # not a multiple of the global batch: the last batch is short and padded across ranks
+    labels = torch.from_numpy((rng.random((n, 6)) < 0.3).astype(np.float32))
+    images = rng.integers(0, 255, (n, 12, 12, 3), dtype=np.uint8)
+
+    lab = train.build_labnet(6, cfg.bits, cfg.labnet)
+    F_buf, H_buf = torch.zeros(n, 512), torch.zeros(n, cfg.bits)
+    opt = train.make_optimizer([{"params": list(lab.parameters()), "lr": 1e-3}], cfg.train)
+    phase = train.labnet_phase(lab, opt, labels, F_buf, H_buf, cfg.labnet, cfg.train, 0, 2, seed=3)
+    lab_hist = train.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
+
+    img = ImgNet(SmallCNN(12, dropout=0.0), cfg.bits)
+    groups, mults = train.imgnet_param_groups(img, 1e-3, 1.0)
+    opt = train.make_optimizer(groups, cfg.train)
+    U = torch.zeros(n, cfg.bits)
+    objective = train.dpsh_objective(labels, U, 0.1)
+    phase = train.imgnet_phase(
+        img, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, 2, 5, torch.device("cpu"),
+        buffers={"U": U},
+    )  # fmt: skip
+    img_hist = train.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
+    torch.save(
+        {
+            "world": info.world,
+            "F": F_buf,
+            "H": H_buf,
+            "U": U,
+            "labnet": torch.cat([p.detach().flatten() for p in lab.parameters()]),
+            "imgnet": torch.cat([p.detach().flatten() for p in img.parameters()]),
+            "loss": [lab_hist[-1]["loss"], img_hist[-1]["loss"]],
+        },
+        out / f"rank{info.rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main(Path(sys.argv[1]))
+    finally:
+        train.leave_distributed()
