@@ -161,7 +161,9 @@ def lr_for_epoch(lr_exp: float, step_exp: float, step_epochs: int, epoch: int, r
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
-    return torch.optim.Adam(groups, lr=groups[0]["lr"], foreach=True)
+    on_gpu = next(iter(groups[0]["params"])).is_cuda
+    # the fused CUDA kernel on a GPU (one launch for every tensor), the multi-tensor one elsewhere
+    return torch.optim.Adam(groups, lr=groups[0]["lr"], **({"fused": True} if on_gpu else {"foreach": True}))
 
 
 @dataclass
@@ -204,6 +206,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+GPU_SYNC_EVERY = 32  # steps between the loop's host syncs (NaN guard, progress) on a GPU
+
+
+def _raise_if_not_finite(phase: Phase, terms: dict[str, torch.Tensor], epoch: int, checkpoint: Path | None) -> None:
+    """The NaN guard: one clear error naming the first non-finite loss term; nothing is saved."""
+    if bool(torch.isfinite(terms["loss"])):
+        return
+    bad = next((k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)), "loss")
+    kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint and checkpoint.exists() else ""
+    raise DsehError(
+        f"{phase.name} round {phase.round_index}: loss term '{bad}' became {float(terms[bad])} at epoch {epoch + 1}{kept}"
+    )
+
+
 def run_phase(
     phase: Phase, cfg: TrainConfig, checkpoint: Path | None, fingerprint: str, progress: bool = True
 ) -> list[dict]:
@@ -242,6 +258,8 @@ def run_phase(
         else:
             log.info("%s: ignoring a checkpoint of another configuration at %s", phase.name, checkpoint)
     params = [p for p in phase.model.parameters() if p.requires_grad]
+    device = params[0].device
+    on_gpu = device.type == "cuda"
     pool = ThreadPoolExecutor(max_workers=max(1, cfg.loader_workers))
     try:
         for epoch in range(start_epoch, phase.epochs):
@@ -251,7 +269,7 @@ def run_phase(
             phase.model.train()
             perm = torch.randperm(phase.n_items, generator=gen).numpy()
             batches = rank_batches(perm, phase.batch_size, info)
-            sums: dict[str, float] = {}
+            acc: dict[str, torch.Tensor] = {}  # per-term sums over the epoch, on the device
             t0 = time.perf_counter()
             pending = [pool.submit(phase.fetch, b, epoch, i) for i, b in enumerate(batches[: cfg.loader_workers + 1])]
             bar = tqdm(
@@ -266,40 +284,31 @@ def run_phase(
                     j = i + cfg.loader_workers + 1
                     pending.append(pool.submit(phase.fetch, batches[j], epoch, j))
                 terms = phase.step(net, idx, batch)
-                loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    bad = next((k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)), "loss")
-                    kept = (
-                        f"; the last good checkpoint is kept at {checkpoint}"
-                        if checkpoint and checkpoint.exists()
-                        else ""
-                    )
-                    raise DsehError(
-                        f"{phase.name} round {phase.round_index}: loss term '{bad}' became {float(terms[bad])} "
-                        f"at epoch {epoch + 1}{kept}"
-                    )
+                # a host sync: before every step on the CPU, every GPU_SYNC_EVERY steps on a GPU (so
+                # the GPU never waits for Python between steps); the epoch's sums are checked too
+                if not on_gpu or (i + 1) % GPU_SYNC_EVERY == 0:
+                    _raise_if_not_finite(phase, terms, epoch, checkpoint)
+                    bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
                 phase.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                terms["loss"].backward()
                 if cfg.clip_value > 0:
                     torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
                 phase.optimizer.step()
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+                    acc[k] = acc.get(k, 0.0) + v.detach().double() * len(idx)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
             bar.close()
+            keys = sorted(acc)
+            total = torch.stack([torch.as_tensor(acc[k], device=device) for k in keys])
             if info.enabled:  # the epoch's loss over every rank's items
                 import torch.distributed as dist
 
-                keys = sorted(sums)
-                total = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-                if dist.get_backend() == "nccl":
-                    total = total.cuda()
                 dist.all_reduce(total)
-                sums = dict(zip(keys, total.cpu().tolist()))
                 n_seen = sum(len(b) for b in batches) * info.world
             else:
                 n_seen = phase.n_items
+            sums = dict(zip(keys, total.cpu().tolist()))
+            _raise_if_not_finite(phase, {k: torch.tensor(v) for k, v in sums.items()}, epoch, checkpoint)
             seconds = time.perf_counter() - t0
             row = {
                 "round": phase.round_index,
