@@ -40,13 +40,13 @@ from tests.matconvnet import FULL_CONVS, write_cnnf  # noqa: E402
 
 
 def bench(
-    name: str, weights: str, size: int, batch: int, steps: int, device: torch.device, n_train: int = 512
+    name: str, weights: str, size: int, batch: int, steps: int, device: torch.device, amp: bool, n_train: int = 512
 ) -> float:
     cfg = from_dict(
         {
             "bits": 32,
             "imgnet": {"backbone": name, "weights": weights, "batch_size": batch},
-            "train": {"loader_workers": 2},
+            "train": {"loader_workers": 2, "amp": amp},
         }
     )
     torch.manual_seed(0)
@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--mode", choices=["step", "loop"], default="step")
     ap.add_argument("--compile", action="store_true", help="loop: torch.compile the training step")
-    ap.add_argument("--no-amp", action="store_true", help="loop: float32 instead of bf16 autocast")
+    ap.add_argument("--no-amp", action="store_true", help="float32 instead of bf16 autocast")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--workers", type=int, default=4, help="loop: batch-gathering threads per process")
     ap.add_argument("--n-train", type=int, default=4096, help="loop: images in the memory-mapped file")
@@ -242,8 +242,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbones.split(","):
             weights, size = backbone_input(name, Path(tmp), info)
-            ips = bench(name, weights, size, args.batch, args.steps, device)
-            print(f"{name:10} {size:>3}x{size:<3} {ips:9.1f} images/s training")
+            ips = bench(name, weights, size, args.batch, args.steps, device, not args.no_amp)
+            prec = train.precision(device, not args.no_amp)
+            print(f"{name:10} {size:>3}x{size:<3} {ips:9.1f} images/s training ({prec})")
 
 
 if __name__ == "__main__":

@@ -70,15 +70,16 @@ def train_labnet(
     labnet: Output[Model],
     prev_labnet: Input[Model] = None,
     prev_imgnet: Input[Model] = None,
+    gpus: int = 1,
 ):
+    """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU."""
     from dseh import stages
-    from dseh.config import from_yaml_text
 
-    summary = stages.train_labnet(
-        from_yaml_text(config), data.path, round_index, labnet.path,
-        prev_labnet.path if prev_labnet else None, prev_imgnet.path if prev_imgnet else None, progress=False,
+    summary = stages.run_training_step(
+        "train-labnet", config, round_index, gpus, data.path, labnet.path,
+        prev_labnet=prev_labnet.path if prev_labnet else None, prev_imgnet=prev_imgnet.path if prev_imgnet else None,
     )  # fmt: skip
-    labnet.metadata.update({"round": round_index, "distinct_codes": summary["distinct_codes"]})
+    labnet.metadata.update({"round": round_index, "distinct_codes": summary.get("distinct_codes")})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -90,14 +91,52 @@ def train_imgnet(
     labnet: Input[Model],
     imgnet: Output[Model],
     prev_imgnet: Input[Model] = None,
+    gpus: int = 1,
 ):
+    """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU."""
     from dseh import stages
-    from dseh.config import from_yaml_text
 
-    summary = stages.train_imgnet(
-        from_yaml_text(config), data.path, round_index, labnet.path, imgnet.path,
-        prev_imgnet.path if prev_imgnet else None, progress=False,
+    summary = stages.run_training_step(
+        "train-imgnet", config, round_index, gpus, data.path, imgnet.path,
+        labnet=labnet.path, prev_imgnet=prev_imgnet.path if prev_imgnet else None,
     )  # fmt: skip
+    imgnet.metadata.update({"round": round_index, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_imgnet_job(
+    config: str,
+    data_version: str,
+    round_index: int,
+    data: Input[Dataset],
+    labnet: Input[Model],
+    imgnet: Output[Model],
+    image: str,
+    nodes: int,
+    gpus: int,
+    kind: str,
+    pvc_name: str,
+    namespace: str,
+    s3_secret: str,
+    mlflow_secret: str,
+    prev_imgnet: Input[Model] = None,
+):
+    """The ImgNet step over several nodes: a Kubeflow Trainer job (TrainJob or PyTorchJob) on the
+    same image runs it under torchrun; this pod stages the inputs on the shared volume and waits."""
+    import json
+    from pathlib import Path
+
+    from dseh import kube
+
+    # one name per pipeline run and round: a retried step finds its job again instead of starting another
+    opts = kube.JobOptions(
+        name=kube.job_name(f"dseh-imgnet-r{round_index}", kube.env_pipeline_run()), image=image, nodes=nodes, gpus_per_node=gpus, kind=kind, namespace=namespace,
+        pvc_name=pvc_name, s3_secret=s3_secret, mlflow_secret=mlflow_secret,
+    )  # fmt: skip
+    kube.train_imgnet_on_cluster(
+        config, opts, round_index, data.path, labnet.path, imgnet.path, prev_imgnet.path if prev_imgnet else None
+    )
+    summary = json.loads((Path(imgnet.path) / "summary.json").read_text())
     imgnet.metadata.update({"round": round_index, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
 
 

@@ -109,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="CNN-F .mat to rebuild the backbone, if it moved")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--index", help="search this approximate index (from `dseh index`) instead of the exact scan")
+    p.add_argument("--nprobe", type=int, default=0, help="ivf cells visited per query (default: the index's)")
+
+    p = sub.add_parser(
+        "index",
+        help="build a faiss binary index (ivf | mih) over a model's database codes; report its recall@k",
+    )
+    p.add_argument("--model", default="outputs/imgnet/round0", help="an ImgNet step output (its codes.npy)")
+    p.add_argument("--codes", help="packed codes of every item (default: MODEL/codes.npy)")
+    p.add_argument("--data", default="outputs/data", help="the prepared dataset (its database and query splits)")
+    p.add_argument("--kind", choices=["ivf", "mih"], default="ivf")
+    p.add_argument("--nlist", type=int, default=0, help="ivf cells (default about sqrt(database size))")
+    p.add_argument("--nprobe", type=int, default=0, help="ivf cells visited per query (default nlist / 64)")
+    p.add_argument("--nflip", type=int, default=0, help="mih bits flipped per substring (default 1)")
+    p.add_argument("-k", type=int, default=100, help="recall@k is measured with the query split's codes")
+    p.add_argument("--out", help="index file (default: MODEL/index-KIND.faiss)")
 
     p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, schedule, run-local")
     psub = p.add_subparsers(dest="action", required=True)
@@ -123,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--params", default="params.yaml", help="params baked in as the default of the `params` parameter"
         )
         a.add_argument("--rounds", type=int, help="rounds to unroll (default: train.rounds)")
-        a.add_argument("--gpus", type=int, default=1, help="GPUs per training/evaluation step")
+        a.add_argument("--gpus", type=int, default=1, help="GPUs per training/evaluation pod; >1 trains under torchrun")
+        a.add_argument("--nodes", type=int, default=1, help=">1: ImgNet runs as a Kubeflow Trainer job (needs --pvc)")
+        a.add_argument("--trainer-kind", choices=["trainjob", "pytorchjob"], default="trainjob")
+        a.add_argument("--namespace", default="kubeflow", help="namespace of the Trainer job")
         a.add_argument("--cpu-limit", default="8")
         a.add_argument("--memory-limit", default="32G")
         a.add_argument("--pvc", default="", help="PersistentVolumeClaim mounted at /data")
@@ -151,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--cron", required=True, help="KFP cron expression with seconds, e.g. '0 0 3 * * *'")
             a.add_argument("--name", default="dseh-scheduled")
 
+    p = sub.add_parser(
+        "job-manifest",
+        help="print the Kubeflow Trainer job (TrainJob or PyTorchJob) that runs a dseh step under torchrun",
+    )
+    p.add_argument("--kind", choices=["trainjob", "pytorchjob"], default="trainjob")
+    p.add_argument("--name", default="dseh-train-imgnet")
+    p.add_argument("--image", required=True)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (processes) per node")
+    p.add_argument("--namespace", default="kubeflow")
+    p.add_argument("--pvc", default="", help="PersistentVolumeClaim every node mounts at --mount")
+    p.add_argument("--mount", default="/data")
+    p.add_argument("step", nargs=argparse.REMAINDER, help="the dseh step and its arguments, after --")
+
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml for the rounds in params (stage contracts from dseh.stages)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-o", "--output", default="dvc.yaml")
@@ -159,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from dseh import stages
     from dseh.config import load_config
 
@@ -175,12 +210,49 @@ def _run(args: argparse.Namespace) -> int:
         out.write_text(text)
         print(f"wrote {out} ({cfg.train.rounds} rounds)")
         return 0
+    if args.command == "index":
+        from dseh import index as ix
+        from dseh.data import PreparedData
+
+        data = PreparedData(args.data)
+        codes_file = Path(args.codes or Path(args.model) / stages.CODES)
+        if not codes_file.is_file():
+            raise DsehError(f"{codes_file} does not exist: give --model (an ImgNet output) or --codes")
+        codes = np.load(codes_file, mmap_mode="r")
+        if len(codes) != len(data.labels):
+            raise DsehError(f"{codes_file} has {len(codes)} codes but {args.data} has {len(data.labels)} items")
+        out = Path(args.out or Path(args.model) / f"index-{args.kind}.faiss")
+        db = codes[np.asarray(data.database)]
+        index, report = ix.build_and_measure(
+            db, np.asarray(codes[np.asarray(data.query)]), args.k, args.kind, args.nlist, args.nprobe, args.nflip
+        )
+        ix.save_index(index, out)
+        out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2))
+        print(json.dumps({"index": str(out), **report}, indent=2))
+        return 0
+    if args.command == "job-manifest":
+        import yaml
+
+        from dseh import kube
+
+        step = args.step[1:] if args.step[:1] == ["--"] else args.step
+        if not step:
+            raise DsehError("give the dseh step to run after --, e.g. -- train-imgnet --params /data/params.yaml")
+        opts = kube.JobOptions(
+            name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus, kind=args.kind,
+            namespace=args.namespace, pvc_name=args.pvc, mount_path=args.mount,
+        )  # fmt: skip
+        print(yaml.safe_dump(kube.job_manifest(opts, step), sort_keys=False), end="")
+        return 0
     if args.command == "pipeline":
         from dseh import kfp_cli
 
         kw = {
             "rounds": args.rounds,
             "gpus": args.gpus,
+            "nodes": args.nodes,
+            "trainer_kind": args.trainer_kind,
+            "namespace": args.namespace,
             "cpu_limit": args.cpu_limit,
             "memory_limit": args.memory_limit,
             "pvc_name": args.pvc,
@@ -226,7 +298,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "search":
         from dseh.search import search
 
-        results = search(args.model, args.data, args.images, args.k, args.weights, args.codes)
+        results = search(args.model, args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe)
         if args.json:
             print(json.dumps(results, indent=2))
         else:

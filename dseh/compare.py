@@ -7,6 +7,7 @@ continues where it stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -110,8 +111,9 @@ def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_frac
     shutil.rmtree(work, ignore_errors=True)
     lay = stages.Layout(work)
     t0 = time.perf_counter()
-    lab_summary = stages.train_rounds(cfg, data, lay, progress=False)
-    seconds = time.perf_counter() - t0
+    lab_summary = stages.train_rounds(cfg, data, lay, progress=False, labnet_cache=Path(runs_root) / "labnet")
+    # a LabNet shared with an earlier run (same LabNet inputs) counts its training time here too
+    seconds = time.perf_counter() - t0 + (lab_summary.get("seconds", 0.0) if lab_summary.get("reused") else 0.0)
     codes = np.load(lay.imgnet(cfg.train.rounds - 1) / stages.CODES)
     rep = stages._query_database_report(cfg.evaluate, data, codes[data.query], codes[data.database], cfg.bits)
     state = baselines.collapse(unpack(codes[data.database], cfg.bits), cfg.baseline.collapse_min_distinct)
@@ -185,13 +187,15 @@ def _check_overrides(base: Config) -> None:
 
 
 def plan_tuning(base: Config) -> list[RunSpec]:
+    """Every deep method's trials, interleaved across methods (so DSEH's later trials start after
+    its first one has trained the LabNet they share)."""
     c = base.compare
-    return [
-        RunSpec("tune", m, LABELS[m], c.tune_bits, c.seeds[0], tuple(t), validation=True)
+    per_method = [
+        [RunSpec("tune", m, LABELS[m], c.tune_bits, c.seeds[0], tuple(t), validation=True) for t in trials(base, m)]
         for m in c.methods
         if m in DEEP_METHODS
-        for t in trials(base, m)
     ]
+    return [spec for group in itertools.zip_longest(*per_method) for spec in group if spec is not None]
 
 
 def best_trials(results: list[dict]) -> dict[str, tuple[str, ...]]:

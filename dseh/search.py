@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,6 @@ import torch
 from dseh.codes import pack
 from dseh.data import PreparedData, _decode
 from dseh.errors import DsehError
-from dseh.evaluation import hamming_topk_packed
 from dseh.stages import CODES, load_imgnet
 
 
@@ -47,11 +47,17 @@ def search(
     k: int = 10,
     weights: str | None = None,
     codes_path: str | None = None,
+    index_path: str | None = None,
+    nprobe: int = 0,
 ) -> list[dict]:
     """Top-k database items per query image: index, source path, Hamming distance, labels.
 
     `model_dir` is an ImgNet step output, or an MLflow model URI (models:/dseh-imgnet@champion) with
-    `codes_path` naming the packed database codes that model produced (an ImgNet output's codes.npy)."""
+    `codes_path` naming the packed database codes that model produced (an ImgNet output's codes.npy).
+    The exact search streams the memory-mapped codes in chunks; `index_path` (from `dseh index`)
+    searches an approximate faiss index instead, `nprobe` cells per query for ivf."""
+    from dseh import index as ix
+
     data = PreparedData(data_dir)
     if model_dir.startswith(("models:/", "runs:/")):
         if not codes_path:
@@ -79,11 +85,26 @@ def search(
             f"{codes_file} has {len(db_codes)} codes but {data_dir} has {len(data.labels)} items: another dataset?"
         )
     db_items = data.database
-    ids, dist = hamming_topk_packed(q, np.asarray(db_codes[db_items]), k)
+    if index_path:
+        idx = ix.load_index(index_path)
+        if idx.ntotal != len(db_items) or idx.d != q.shape[1] * 8:
+            raise DsehError(
+                f"index {index_path} holds {idx.ntotal} codes of {idx.d} bits, the database {len(db_items)} "
+                f"of {q.shape[1] * 8}: build it again with `dseh index`"
+            )
+        side = Path(index_path + ".json")  # the build's report: its search effort is the default
+        built = json.loads(side.read_text()) if side.is_file() else {}
+        ix.set_search_effort(idx, nprobe or built.get("nprobe", 0), built.get("nflip", 0))
+        ids, dist = ix.index_topk(idx, q, k)
+    else:
+        ids, dist = ix.exact_topk(q, db_codes, k, rows=db_items)
+    search_kind = "exact" if not index_path else f"approximate ({type(idx).__name__})"
     results = []
     for img, row_ids, row_d in zip(images, ids, dist):
         rows = []
         for rank, (j, d) in enumerate(zip(row_ids, row_d), start=1):
+            if j < 0:  # an approximate index found fewer than k
+                break
             item = int(db_items[j])
             rows.append({
                 "rank": rank,
@@ -92,5 +113,5 @@ def search(
                 "distance": int(d),
                 "labels": [data.classes[c] for c in np.flatnonzero(data.labels[item])],
             })  # fmt: skip
-        results.append({"image": img, "results": rows})
+        results.append({"image": img, "search": search_kind, "results": rows})
     return results

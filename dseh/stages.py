@@ -9,6 +9,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import time
 from contextlib import nullcontext
@@ -211,6 +212,8 @@ def train_labnet(
     if cfg.method != "dseh":
         # the other methods have no label network: the stage records that, so the DVC graph stays one shape
         summary = {"round": round_index, "method": cfg.method, "labnet": f"not used by method {cfg.method}"}
+        if _secondary_rank():
+            return summary
         with atomic_dir(out_dir) as tmp:
             _write_step_dir(tmp, cfg, summary)
         return summary
@@ -248,6 +251,7 @@ def train_labnet(
         fp = _fingerprint("train_labnet", round_index, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, bits, inputs)
         ckpt = _checkpoint_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
         history = train.run_phase(phase, cfg.train, ckpt, fp, progress)
         if not rank.main:  # rank 0 writes the step output
             return {"round": round_index, "rank": rank.rank, "epochs": epochs}
@@ -258,6 +262,7 @@ def train_labnet(
             "epochs": epochs,
             "distinct_codes": count_distinct(pack(B_lab)),
             "distinct_label_sets": int(len(np.unique(data.labels[data.train], axis=0))),
+            "seconds": round(time.perf_counter() - t0, 3),
             "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
         }
         with atomic_dir(out) as tmp:
@@ -289,6 +294,11 @@ def train_labnet(
             tr.log_metrics(summary)
             tr.log_artifacts(out, "labnet")
     return summary
+
+
+def _secondary_rank() -> bool:
+    """Started by torchrun as a rank other than 0 (which alone writes a step's output)."""
+    return int(os.environ.get("RANK", "0")) > 0
 
 
 def _check_compatible(state: dict, cfg: Config, data: PreparedData, where) -> None:
@@ -348,6 +358,8 @@ def train_imgnet(
         raise DsehError(f"round {round_index} of train_imgnet needs the ImgNet output of round {round_index - 1}")
     data = _open_data(data_dir)
     if cfg.method in SHALLOW_METHODS:
+        if _secondary_rank():  # a linear hash is fitted once, by rank 0 under torchrun
+            return {"round": round_index, "method": cfg.method, "rank": int(os.environ["RANK"])}
         return fit_linear_hash(cfg, data, round_index, out_dir)
     rank = train.init_distributed(cfg.train.device)
     with tracking.step_run(cfg, "train_imgnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
@@ -800,6 +812,41 @@ def _register_and_promote(
 # --------------------------------------------------------------------------- code-length sweep
 
 
+def run_training_step(
+    step: str,
+    config_text: str,
+    round_index: int,
+    gpus: int,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    labnet: str | Path | None = None,
+    prev_labnet: str | Path | None = None,
+    prev_imgnet: str | Path | None = None,
+) -> dict:
+    """A training step (train-labnet or train-imgnet) from resolved params text, as a Kubeflow
+    component runs it: in this process for one GPU, else data-parallel under torchrun with one
+    process per GPU (rank 0 writes the output). Returns the step's summary."""
+    import tempfile
+
+    from dseh import kube
+    from dseh.config import from_yaml_text
+
+    cfg = from_yaml_text(config_text)
+    if gpus <= 1:
+        if step == "train-labnet":
+            return train_labnet(cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False)
+        return train_imgnet(cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(config_text)
+        args = [step, "--params", str(params), "--round", str(round_index), "--data", str(data_dir), "-q"]
+        for flag, path in (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet)):
+            if path:
+                args += [flag, str(path)]
+        kube.run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)
+    return json.loads((Path(out_dir) / SUMMARY).read_text())
+
+
 def sweep_bits(cfg: Config, data_dir: str | Path, bits: int, out_root: str | Path, progress: bool = True) -> dict:
     """Train every round and evaluate at one code length (a column of the paper's Table 1)."""
     import dataclasses
@@ -811,13 +858,40 @@ def sweep_bits(cfg: Config, data_dir: str | Path, bits: int, out_root: str | Pat
     return evaluate(c, data_dir, lay.labnet(last), lay.imgnet(last), lay.eval, progress)
 
 
-def train_rounds(cfg: Config, data: str | Path | PreparedData, lay: Layout, progress: bool = True) -> dict:
+def train_rounds(
+    cfg: Config,
+    data: str | Path | PreparedData,
+    lay: Layout,
+    progress: bool = True,
+    labnet_cache: Path | None = None,
+) -> dict:
     """Every round's LabNet and ImgNet phases under `lay`, each continuing the round before;
-    returns the last LabNet summary."""
+    returns the last LabNet summary.
+
+    With `labnet_cache`, round 0's LabNet is shared between runs whose LabNet inputs are the same
+    (its params, the training params, seed, bits and data split: what its step fingerprint holds),
+    such as runs that differ only in ImgNet's params; a shared one's summary says `reused`."""
+    import shutil
+
+    data = _open_data(data)
     summary: dict = {}
     for r in range(cfg.train.rounds):
         prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
-        summary = train_labnet(cfg, data, r, lay.labnet(r), prev_l, prev_i, progress)
+        cached = None
+        if r == 0 and labnet_cache is not None and cfg.method == "dseh":
+            key = _fingerprint(
+                "train_labnet", 0, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, cfg.bits, data.sha256
+            )
+            cached = Path(labnet_cache) / key[:24]
+        if cached is not None and (cached / SUMMARY).is_file():
+            with atomic_dir(lay.labnet(0)) as tmp:
+                shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            summary = {**json.loads((cached / SUMMARY).read_text()), "reused": True}
+        else:
+            summary = train_labnet(cfg, data, r, lay.labnet(r), prev_l, prev_i, progress)
+            if cached is not None:
+                with atomic_dir(cached) as tmp:
+                    shutil.copytree(lay.labnet(0), tmp, dirs_exist_ok=True)
         train_imgnet(cfg, data, r, lay.labnet(r), lay.imgnet(r), prev_i, progress)
     return summary
 

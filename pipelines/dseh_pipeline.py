@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from kfp import dsl, kubernetes
 
 from components import dseh_components as c
+from dseh.errors import DsehError
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -19,7 +20,10 @@ class PipelineOptions:
 
     params_text: str  # params.yaml baked in as the default of the `params` parameter
     rounds: int = 1
-    gpus: int = 1
+    gpus: int = 1  # per training pod (per node); more than 1: the steps run data-parallel under torchrun
+    nodes: int = 1  # more than 1: ImgNet runs as a Kubeflow Trainer job over this many nodes (needs pvc_name)
+    trainer_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob (Training Operator v1)
+    namespace: str = "kubeflow"  # where the Trainer job is created
     gpu_type: str = "nvidia.com/gpu"
     cpu_limit: str = "8"
     memory_limit: str = "32G"
@@ -31,6 +35,10 @@ class PipelineOptions:
 
 def build_pipeline(opts: PipelineOptions):
     """The @dsl.pipeline function for these options."""
+    if opts.nodes > 1 and not opts.pvc_name:
+        raise DsehError("--nodes > 1 needs --pvc: the Trainer job's nodes share the inputs and output on it")
+    if opts.trainer_kind not in ("trainjob", "pytorchjob"):
+        raise DsehError(f"unknown trainer job kind '{opts.trainer_kind}': trainjob or pytorchjob")
 
     def gpu_step(task, gpu: bool = True):
         task.set_cpu_limit(opts.cpu_limit).set_memory_limit(opts.memory_limit)
@@ -91,13 +99,23 @@ def build_pipeline(opts: PipelineOptions):
         lab = img = None
         for r in range(opts.rounds):
             prev = {"prev_labnet": lab.outputs["labnet"], "prev_imgnet": img.outputs["imgnet"]} if r else {}
-            lab = c.train_labnet(config=config, data_version=data_version, round_index=r, data=data, **prev)
+            lab = c.train_labnet(
+                config=config, data_version=data_version, round_index=r, data=data, gpus=opts.gpus, **prev
+            )
             secrets(gpu_step(lab), s3_secret, mlflow_secret).set_display_name(f"train LabNet round {r}")
             prev = {"prev_imgnet": img.outputs["imgnet"]} if r else {}
-            img = c.train_imgnet(
-                config=config, data_version=data_version, round_index=r, data=data, labnet=lab.outputs["labnet"], **prev
-            )
-            secrets(gpu_step(img), s3_secret, mlflow_secret).set_display_name(f"train ImgNet round {r}")
+            common = dict(config=config, data_version=data_version, round_index=r, data=data, **prev)
+            if opts.nodes > 1:  # a light pod that runs the Trainer job and waits for it
+                img = c.train_imgnet_job(
+                    labnet=lab.outputs["labnet"], image=c.IMAGE, nodes=opts.nodes, gpus=opts.gpus,
+                    kind=opts.trainer_kind, pvc_name=opts.pvc_name, namespace=opts.namespace,
+                    s3_secret=s3_secret, mlflow_secret=mlflow_secret, **common,
+                )  # fmt: skip
+                img = secrets(gpu_step(img, gpu=False), s3_secret, mlflow_secret)
+                img.set_display_name(f"train ImgNet round {r} on {opts.nodes} nodes")
+            else:
+                img = c.train_imgnet(labnet=lab.outputs["labnet"], gpus=opts.gpus, **common)
+                secrets(gpu_step(img), s3_secret, mlflow_secret).set_display_name(f"train ImgNet round {r}")
         ev = c.evaluate(config=config, data=data, labnet=lab.outputs["labnet"], imgnet=img.outputs["imgnet"])
         secrets(gpu_step(ev), s3_secret, mlflow_secret)
         pro = c.promote(config=config, data=data, imgnet=img.outputs["imgnet"], evaluation=ev.outputs["evaluation"])

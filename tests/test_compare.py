@@ -106,6 +106,25 @@ def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
     assert seen == [7 + 2 * per_epoch]
 
 
+def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, data_dir):
+    cache = tmp_path / "labnet-cache"
+    first = stages.train_rounds(from_dict(tiny_raw(**SMALL)), data_dir, stages.Layout(tmp_path / "a"), False, cache)
+    imgnet_only = from_dict(tiny_raw(**SMALL), ["imgnet.gamma_if=0"])  # DSEH-S: ImgNet's params differ
+    shared = stages.train_rounds(imgnet_only, data_dir, stages.Layout(tmp_path / "b"), False, cache)
+    fresh = stages.train_rounds(imgnet_only, data_dir, stages.Layout(tmp_path / "c"), False, None)
+    assert not first.get("reused") and shared["reused"] and not fresh.get("reused")
+    assert shared["seconds"] == first["seconds"]  # the shared LabNet's own training time
+    with np.load(tmp_path / "b/labnet/round0/targets.npz") as b, np.load(tmp_path / "c/labnet/round0/targets.npz") as c:
+        assert np.array_equal(b["B"], c["B"]) and np.array_equal(b["F"], c["F"])  # sharing changes nothing
+    assert np.array_equal(
+        np.load(tmp_path / "b/imgnet/round0/codes.npy"), np.load(tmp_path / "c/imgnet/round0/codes.npy")
+    )
+    other = stages.train_rounds(
+        from_dict(tiny_raw(**SMALL), ["labnet.gamma_hl=0"]), data_dir, stages.Layout(tmp_path / "d"), False, cache
+    )
+    assert not other.get("reused") and len(list(cache.iterdir())) == 2
+
+
 def test_validation_split_stays_inside_the_training_set(data_dir):
     data = PreparedData(data_dir)
     val = cmp.validation_split(data, 0.25, seed=0)

@@ -65,34 +65,45 @@ def test_ddp_two_gloo_ranks_keep_identical_buffers_and_match_one_process(tmp_pat
     assert bool((r0["U"] != 0).any(dim=1).all()) and bool((r0["H"] != 0).any(dim=1).all())
 
 
-def test_ddp_pipeline_steps_under_torchrun_match_one_process(tmp_path):
+def test_ddp_pipeline_steps_under_torchrun_match_one_process(tmp_path, monkeypatch):
+    """The Kubeflow components' path: run_training_step with gpus=2 runs the step under torchrun
+    (--standalone, 2 gloo processes on the CPU here)."""
+    from dseh import stages
+
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_raw(**LEARNING)))
-    results = {}
-    for name, ranks in (("one", 1), ("two", 2)):
-        args = ["--params", str(params), "--root", str(tmp_path / name), "-q"]
-        if name == "one":
-            assert train_main(["prepare", *args]) == 0
-        else:
-            (tmp_path / "two").mkdir()
-            os.symlink(tmp_path / "one" / "data", tmp_path / "two" / "data")
-        for step in ("train-labnet", "train-imgnet"):
-            if ranks == 1:
-                assert train_main([step, *args]) == 0
-            else:
-                torchrun(["-m", "dseh", step, *args], tmp_path)
-        assert train_main(["evaluate", *args]) == 0
-        results[name] = json.loads((tmp_path / name / "eval/metrics.json").read_text())
-    two = tmp_path / "two"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--params", str(params), "--root", str(one), "-q"]
+    for step in ("prepare", "train-labnet", "train-imgnet", "evaluate"):
+        assert train_main([step, *args]) == 0
+    text = params.read_text()
+    summary = stages.run_training_step("train-labnet", text, 0, 2, one / "data", two / "labnet/round0")
+    assert summary["distinct_codes"] > 1
+    stages.run_training_step(
+        "train-imgnet", text, 0, 2, one / "data", two / "imgnet/round0", labnet=two / "labnet/round0"
+    )
+    assert train_main(["evaluate", *args[:-3], "--root", str(two), "--data", str(one / "data"), "-q"]) == 0
+    ref, got = (json.loads((root / "eval/metrics.json").read_text()) for root in (one, two))
     # rank 0 wrote one step output; no checkpoint or second copy is left behind
     assert sorted(p.name for p in (two / "imgnet").iterdir()) == ["round0"]
-    assert not list(two.rglob("*.ckpt.pt")) and not list(two.rglob("*.tmp"))
+    assert not list(two.rglob("*.ckpt.pt")) and not list(two.rglob("*.tmp*"))
     hist = json.loads((two / "imgnet/round0/history.json").read_text())
     assert len(hist) == LEARNING["imgnet"]["epochs"][0]
-    assert abs(results["two"]["map_all"] - results["one"]["map_all"]) <= MAP_TOLERANCE, (
-        results["one"]["map_all"],
-        results["two"]["map_all"],
-    )
+    assert abs(got["map_all"] - ref["map_all"]) <= MAP_TOLERANCE, (ref["map_all"], got["map_all"])
+
+
+def test_ddp_a_failing_step_under_torchrun_reports_its_own_error(tmp_path, monkeypatch):
+    from dseh import stages
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    text = yaml.safe_dump(tiny_raw())
+    with pytest.raises(
+        DsehError, match=r"train-labnet` on 2 process\(es\) failed: dseh: error: .*is not a prepared dataset"
+    ):
+        stages.run_training_step("train-labnet", text, 0, 2, tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def train_main(argv: list[str]) -> int:

@@ -82,6 +82,30 @@ def test_compiled_pipeline_requests_gpus_retries_secrets_and_shm(tmp_path, monke
     )
 
 
+def test_multi_node_pipeline_runs_imgnet_as_a_trainer_job(tmp_path, monkeypatch):
+    c = _compile(tmp_path, monkeypatch, "--nodes", "2", "--gpus", "4", "--pvc", "nus", "--trainer-kind", "pytorchjob")
+    spec, platform = c["spec"], c["platform"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "train-imgnet-job" in tasks and "train-imgnet" not in tasks
+    job = tasks["train-imgnet-job"]["inputs"]["parameters"]
+    assert job["nodes"]["runtimeValue"]["constant"] == 2 and job["gpus"]["runtimeValue"]["constant"] == 4
+    assert (
+        job["kind"]["runtimeValue"]["constant"] == "pytorchjob" and job["pvc_name"]["runtimeValue"]["constant"] == "nus"
+    )
+    assert job["image"]["runtimeValue"]["constant"].endswith("dseh:0.1.0")
+    executors = spec["deploymentSpec"]["executors"]
+    # the pod that launches and watches the job holds no GPU; LabNet's step gets 4 and runs under torchrun
+    assert "accelerator" not in executors["exec-train-imgnet-job"]["container"].get("resources", {})
+    lab = executors["exec-train-labnet"]["container"]["resources"]["accelerator"]
+    assert lab["resourceCount"] == "4"
+    assert tasks["train-labnet"]["inputs"]["parameters"]["gpus"]["runtimeValue"]["constant"] == 4
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-imgnet-job"]
+    assert kube["pvcMount"][0]["mountPath"] == "/data"
+    out = tmp_path / "bad.yaml"
+    assert main(["pipeline", "compile", "--params", str(REPO / "params.yaml"), "-o", str(out), "--nodes", "2"]) == 2
+    assert not out.exists()
+
+
 def test_bad_params_fail_before_any_gpu_step(tmp_path):
     from dseh.config import from_yaml_text
 

@@ -106,6 +106,33 @@ def test_search_prints_top_k(run, tmp_path, capsys):
     assert "missing.png does not exist" in capsys.readouterr().err
 
 
+def test_index_reports_recall_and_search_uses_it(run, tmp_path, capsys):
+    from PIL import Image
+
+    model, data = str(run / "outputs/imgnet/round0"), str(run / "outputs/data")
+    out = tmp_path / "ivf.faiss"
+    capsys.readouterr()
+    args = ["index", "--model", model, "--data", data, "--nlist", "4", "--nprobe", "4", "-k", "10", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    # every cell probed: the index returns neighbours as near as the exact scan's (ties may differ)
+    assert report["recall_at_10_distance"] == 1.0 and report["n_database"] == 400 and report["queries"] == 60
+    assert json.loads(out.with_name("ivf.faiss.json").read_text())["nprobe"] == 4
+    images = np.load(run / "outputs/data/images.npy", mmap_mode="r")
+    query = int(np.load(run / "outputs/data/query.npy")[1])
+    Image.fromarray(np.asarray(images[query])).save(tmp_path / "q.png")
+    search = ["search", str(tmp_path / "q.png"), "--model", model, "--data", data, "-k", "5", "--json"]
+    assert main([*search, "--index", str(out)]) == 0
+    approx = json.loads(capsys.readouterr().out)[0]
+    assert main(search) == 0
+    exact = json.loads(capsys.readouterr().out)[0]
+    assert approx["search"].startswith("approximate") and exact["search"] == "exact"
+    assert [r["distance"] for r in approx["results"]] == [r["distance"] for r in exact["results"]]
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    assert main([*search, "--index", str(tmp_path / "junk.faiss")]) == 2
+    assert "is not a faiss binary index" in capsys.readouterr().err
+
+
 def test_bad_params_give_one_clear_error(run, capsys):
     assert main(["prepare", "--params", str(run / "params.yaml"), "-S", "data.sorce=x", "--root", str(run / "o2")]) == 2
     err = capsys.readouterr().err

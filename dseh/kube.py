@@ -1,0 +1,284 @@
+"""Training on more than one GPU: a step run under torchrun in this pod (one node, N GPUs), or as a
+Kubeflow Trainer job over several nodes (TrainJob, trainer.kubeflow.org/v1alpha1; or PyTorchJob,
+kubeflow.org/v1, for clusters with the older Training Operator), with the manifest generated from
+the options here and the job created and watched through the Kubernetes API.
+
+Every node runs the project image with the same command, `torchrun ... -m dseh <step> ...`, on a
+shared volume (a PersistentVolumeClaim) that holds the resolved params, the inputs and the output.
+Credentials reach the pods only as references to Kubernetes Secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dseh.errors import DsehError
+
+log = logging.getLogger(__name__)
+
+TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
+SECRET_KEYS = {
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"),
+    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+}
+
+
+def torchrun_args(nodes: int, nproc_per_node: int) -> list[str]:
+    """torchrun's arguments for `nodes` x `nproc_per_node` processes. On one node the rendezvous is
+    local (--standalone); across nodes the node rank and the master's address come from the
+    PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT variables that the Kubeflow operators set,
+    which torchrun reads itself."""
+    if nodes < 1 or nproc_per_node < 1:
+        raise DsehError(f"need at least 1 node and 1 process per node, got {nodes} x {nproc_per_node}")
+    base = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={nproc_per_node}"]
+    return base + (["--standalone"] if nodes == 1 else ["--max-restarts=0"])
+
+
+def run_local(step_args: list[str], nproc: int, cwd: str | Path | None = None) -> None:
+    """Run `dseh <step_args>` in this pod: directly for one process, else under torchrun over
+    `nproc` local processes (one per GPU). Fails with the step's own error message."""
+    if nproc <= 1:
+        cmd = [sys.executable, "-m", "dseh", *step_args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(1, nproc)[1:], "-m", "dseh", *step_args]
+    log.info("running %s", " ".join(cmd))
+    res = subprocess.run(cmd, cwd=cwd, stderr=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("dseh: error:")]
+        detail = errors[-1] if errors else res.stderr.strip()[-2000:]
+        raise DsehError(f"`dseh {step_args[0]}` on {nproc} process(es) failed: {detail}")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a multi-node training job asks of the cluster."""
+
+    name: str
+    image: str
+    nodes: int = 2
+    gpus_per_node: int = 1
+    kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob (Training Operator v1)
+    namespace: str = "kubeflow"
+    runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
+    pvc_name: str = ""  # the shared volume every node mounts at `mount_path`
+    mount_path: str = "/data"
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = "8"
+    memory: str = "32Gi"
+    shm_size: str = "8Gi"
+    s3_secret: str = "dseh-s3"
+    mlflow_secret: str = "dseh-mlflow"
+
+
+def _env(opts: JobOptions) -> list[dict]:
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if os.environ.get("DSEH_PIPELINE_RUN"):  # the job's MLflow runs nest under the pipeline run's
+        env.append({"name": "DSEH_PIPELINE_RUN", "value": os.environ["DSEH_PIPELINE_RUN"]})
+    for kind, secret in (("s3", opts.s3_secret), ("mlflow", opts.mlflow_secret)):
+        for key in SECRET_KEYS[kind]:
+            ref = {"name": secret, "key": key, "optional": True}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _volumes(opts: JobOptions) -> tuple[list[dict], list[dict]]:
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    if opts.pvc_name:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": opts.pvc_name}})
+        mounts.append({"name": "data", "mountPath": opts.mount_path})
+    return volumes, mounts
+
+
+def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
+    """The TrainJob or PyTorchJob that runs `torchrun ... -m dseh <step_args>` on every node."""
+    if opts.kind not in ("trainjob", "pytorchjob"):
+        raise DsehError(f"unknown trainer job kind '{opts.kind}': trainjob or pytorchjob")
+    if opts.nodes > 1 and not opts.pvc_name:
+        raise DsehError("a training job over several nodes needs a shared volume: give a PersistentVolumeClaim")
+    command = [*torchrun_args(opts.nodes, opts.gpus_per_node), "-m", "dseh", *step_args]
+    resources = {
+        "limits": {opts.gpu_resource: str(opts.gpus_per_node), "cpu": opts.cpu, "memory": opts.memory},
+        "requests": {opts.gpu_resource: str(opts.gpus_per_node), "cpu": opts.cpu, "memory": opts.memory},
+    }
+    volumes, mounts = _volumes(opts)
+    meta = {"name": opts.name, "namespace": opts.namespace, "labels": {"app.kubernetes.io/part-of": "dseh"}}
+    if opts.kind == "trainjob":
+        group, version, _ = TRAINJOB
+        return {
+            "apiVersion": f"{group}/{version}",
+            "kind": "TrainJob",
+            "metadata": meta,
+            "spec": {
+                "runtimeRef": {"name": opts.runtime, "apiGroup": group, "kind": "ClusterTrainingRuntime"},
+                "trainer": {
+                    "image": opts.image,
+                    "command": command,
+                    "numNodes": opts.nodes,
+                    "numProcPerNode": opts.gpus_per_node,
+                    "resourcesPerNode": resources,
+                    "env": _env(opts),
+                },
+                "podTemplateOverrides": [
+                    {
+                        "targetJobs": [{"name": "node"}],
+                        "spec": {"volumes": volumes, "containers": [{"name": "node", "volumeMounts": mounts}]},
+                    }
+                ],
+            },
+        }
+    group, version, _ = PYTORCHJOB
+
+    def replica(count: int) -> dict:
+        container = {
+            "name": "pytorch",  # the name the Training Operator looks for
+            "image": opts.image,
+            "command": command,
+            "resources": resources,
+            "env": _env(opts),
+            "volumeMounts": mounts,
+        }
+        return {
+            "replicas": count,
+            "restartPolicy": "Never",
+            "template": {"spec": {"containers": [container], "volumes": volumes}},
+        }
+
+    specs = {"Master": replica(1)}
+    if opts.nodes > 1:
+        specs["Worker"] = replica(opts.nodes - 1)
+    return {
+        "apiVersion": f"{group}/{version}",
+        "kind": "PyTorchJob",
+        "metadata": meta,
+        "spec": {
+            "nprocPerNode": str(opts.gpus_per_node),
+            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": specs,
+        },
+    }
+
+
+def job_state(manifest: dict, status: dict | None) -> str:
+    """'succeeded', 'failed' or 'running' from a TrainJob's or PyTorchJob's status conditions."""
+    done = {"TrainJob": ("Complete", "Failed"), "PyTorchJob": ("Succeeded", "Failed")}[manifest["kind"]]
+    for cond in (status or {}).get("conditions", []):
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == done[0]:
+            return "succeeded"
+        if cond.get("type") == done[1]:
+            return "failed"
+    return "running"
+
+
+def _api(host: str | None = None):
+    """CustomObjectsApi: in-cluster credentials in a pod, else the local kubeconfig; `host` for a
+    given API server (tests use a loopback one)."""
+    from kubernetes import client, config
+
+    if host:
+        cfg = client.Configuration()
+        cfg.host = host
+        return client.CustomObjectsApi(client.ApiClient(cfg))
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, FileNotFoundError) as exc:
+            raise DsehError(f"no Kubernetes credentials: not in a pod and no kubeconfig ({exc})") from exc
+    return client.CustomObjectsApi()
+
+
+def submit_and_wait(
+    manifest: dict, timeout_s: float = 24 * 3600, poll_s: float = 15.0, host: str | None = None
+) -> dict:
+    """Create the job and wait until it succeeds (returns its status) or fails (one error with its
+    message). A job of that name already there is watched, not created twice (a retried step)."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    group, version, plural = TRAINJOB if manifest["kind"] == "TrainJob" else PYTORCHJOB
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    api = _api(host)
+    where = f"{manifest['kind']} {ns}/{name}"
+    try:
+        api.create_namespaced_custom_object(group, version, ns, plural, manifest)
+        log.info("created %s", where)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise DsehError(f"could not create {where}: {exc.status} {exc.reason}: {exc.body}") from exc
+        log.info("%s exists already: watching it", where)
+    except HTTPError as exc:
+        raise DsehError(f"the Kubernetes API is unreachable while creating {where}: {exc}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            obj = api.get_namespaced_custom_object(group, version, ns, plural, name)
+        except (ApiException, HTTPError) as exc:
+            raise DsehError(f"could not read {where}: {exc}") from exc
+        state = job_state(manifest, obj.get("status"))
+        if state == "succeeded":
+            return obj.get("status", {})
+        if state == "failed":
+            msgs = [c.get("message", "") for c in obj["status"].get("conditions", []) if c.get("type") == "Failed"]
+            raise DsehError(f"{where} failed: {'; '.join(m for m in msgs if m) or 'no message'}")
+        if time.monotonic() > deadline:
+            raise DsehError(f"{where} did not finish within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def job_name(prefix: str, run_id: str) -> str:
+    """A DNS-1123 name (at most 63 characters) for a step of a pipeline run."""
+    import hashlib
+
+    safe = "".join(ch if ch.isalnum() else "-" for ch in prefix.lower()).strip("-")[:40]
+    return f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:12]}"
+
+
+def env_pipeline_run() -> str:
+    return os.environ.get("DSEH_PIPELINE_RUN", "") or f"local-{os.getpid()}-{int(time.time())}"
+
+
+def train_imgnet_on_cluster(
+    config_text: str,
+    opts: JobOptions,
+    round_index: int,
+    data_dir: str,
+    labnet_dir: str | None,
+    out_dir: str,
+    prev_imgnet: str | None = None,
+    timeout_s: float = 24 * 3600,
+    host: str | None = None,
+) -> None:
+    """The ImgNet step as a multi-node job: stage the resolved params and the inputs on the shared
+    volume (mounted here at opts.mount_path), run the job, copy its output to `out_dir`, and remove
+    the job's folder. A retried step finds the same job by name and waits for it again."""
+    import shutil
+
+    from dseh.storage import atomic_dir
+
+    work = Path(opts.mount_path) / "dseh-jobs" / opts.name
+    (work / "inputs").mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(config_text)
+    args = ["train-imgnet", "--params", str(work / "params.yaml"), "--round", str(round_index), "-q"]
+    for flag, src in (("--data", data_dir), ("--labnet", labnet_dir), ("--prev-imgnet", prev_imgnet)):
+        if src:
+            dst = work / "inputs" / flag.strip("-")
+            if not dst.exists():
+                shutil.copytree(src, dst.with_name(dst.name + ".tmp"), dirs_exist_ok=True)
+                os.replace(dst.with_name(dst.name + ".tmp"), dst)
+            args += [flag, str(dst)]
+    args += ["--out", str(work / "output")]
+    submit_and_wait(job_manifest(opts, args), timeout_s=timeout_s, host=host)
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(work / "output", tmp, dirs_exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)

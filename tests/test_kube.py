@@ -1,0 +1,141 @@
+"""Multi-node training on Kubeflow: the TrainJob and PyTorchJob manifests generated from options
+(structure, torchrun arguments, shared volume, secrets by reference only), and the ImgNet step run
+as such a job against a local Kubernetes API that executes the job's command here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from dseh import kube
+from dseh.cli import main
+from dseh.errors import DsehError
+from tests.conftest import LEARNING, REPO, tiny_raw
+from tests.k8s_fake import FakeKubernetes
+
+STEP = ["train-imgnet", "--params", "/data/run/params.yaml", "--data", "/data/run/data", "--out", "/data/run/out"]
+
+
+def opts(**kw) -> kube.JobOptions:
+    base = {"name": "dseh-imgnet-r0-abc", "image": "registry.example/dseh:1.0", "nodes": 2, "gpus_per_node": 4}
+    return kube.JobOptions(**{**base, "pvc_name": "nus-wide", **kw})
+
+
+def test_trainjob_manifest_runs_the_step_under_torchrun_on_every_node(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak-me")
+    m = kube.job_manifest(opts(), STEP)
+    assert m["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and m["kind"] == "TrainJob"
+    assert m["metadata"] == {
+        "name": "dseh-imgnet-r0-abc",
+        "namespace": "kubeflow",
+        "labels": {"app.kubernetes.io/part-of": "dseh"},
+    }
+    spec = m["spec"]
+    assert spec["runtimeRef"] == {
+        "name": "torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
+    t = spec["trainer"]
+    assert t["image"] == "registry.example/dseh:1.0" and t["numNodes"] == 2 and t["numProcPerNode"] == 4
+    assert t["command"] == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "--max-restarts=0", "-m", "dseh", *STEP]
+    assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+    # credentials only as references to Secrets; no value from this environment is in the manifest
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in t["env"] if "valueFrom" in e}
+    assert refs["AWS_SECRET_ACCESS_KEY"] == "dseh-s3" and refs["MLFLOW_TRACKING_URI"] == "dseh-mlflow"
+    assert "do-not-leak-me" not in json.dumps(m)
+    (override,) = spec["podTemplateOverrides"]
+    assert override["targetJobs"] == [{"name": "node"}]
+    vols = {v["name"]: v for v in override["spec"]["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "nus-wide"
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    (container,) = override["spec"]["containers"]
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+
+
+def test_pytorchjob_manifest_has_one_master_and_the_other_nodes_as_workers():
+    m = kube.job_manifest(opts(kind="pytorchjob", nodes=3, gpus_per_node=8), STEP)
+    assert m["apiVersion"] == "kubeflow.org/v1" and m["kind"] == "PyTorchJob"
+    assert m["spec"]["nprocPerNode"] == "8"
+    reps = m["spec"]["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 2
+    for rep in reps.values():
+        (c,) = rep["template"]["spec"]["containers"]
+        assert c["name"] == "pytorch" and c["image"] == "registry.example/dseh:1.0"
+        assert c["command"][:4] == ["torchrun", "--nnodes=3", "--nproc-per-node=8", "--max-restarts=0"]
+        assert c["command"][4:] == ["-m", "dseh", *STEP]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        claims = [v for v in rep["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        assert claims[0]["persistentVolumeClaim"]["claimName"] == "nus-wide"
+
+
+def test_job_options_that_cannot_work_fail_with_one_clear_error():
+    with pytest.raises(DsehError, match="needs a shared volume"):
+        kube.job_manifest(opts(pvc_name=""), STEP)
+    with pytest.raises(DsehError, match="unknown trainer job kind 'mpijob'"):
+        kube.job_manifest(opts(kind="mpijob"), STEP)
+    with pytest.raises(DsehError, match="at least 1 node"):
+        kube.torchrun_args(0, 1)
+    assert kube.torchrun_args(1, 4) == ["torchrun", "--nnodes=1", "--nproc-per-node=4", "--standalone"]
+    assert len(kube.job_name("dseh-imgnet-r0", "x" * 300)) <= 63
+
+
+def test_job_manifest_command_prints_yaml(capsys):
+    assert main(["job-manifest", "--image", "img:1", "--kind", "pytorchjob", "--pvc", "p", "--", *STEP]) == 0
+    m = yaml.safe_load(capsys.readouterr().out)
+    assert m["kind"] == "PyTorchJob" and m["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+
+
+def test_a_failed_job_and_an_unreachable_api_end_in_one_error():
+    with FakeKubernetes(run_jobs=False) as k8s:
+        m = kube.job_manifest(opts(), STEP)
+        k8s.jobs[m["metadata"]["name"]] = {**m, "status": {"conditions": [
+            {"type": "Failed", "status": "True", "message": "node-1 OOMKilled"}]}}  # fmt: skip
+        # the job exists already (a retried step): it is watched, not created again, and its failure reported
+        with pytest.raises(DsehError, match="TrainJob kubeflow/dseh-imgnet-r0-abc failed: node-1 OOMKilled"):
+            kube.submit_and_wait(m, timeout_s=5, poll_s=0.05, host=k8s.url)
+        assert [r["method"] for r in k8s.requests] == ["POST", "GET"]
+    with pytest.raises(DsehError, match="unreachable"):
+        kube.submit_and_wait(m, timeout_s=1, poll_s=0.05, host=k8s.url)
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_path, kind):
+    cfg = yaml.safe_dump(tiny_raw(**LEARNING))
+    (tmp_path / "params.yaml").write_text(cfg)
+    root = tmp_path / "local"
+    args = ["--params", str(tmp_path / "params.yaml"), "--root", str(root), "-q"]
+    for step in ("prepare", "train-labnet"):
+        assert main([step, *args]) == 0
+    shared = tmp_path / "pvc"
+    o = opts(kind=kind, nodes=2, gpus_per_node=1, mount_path=str(shared))
+    out = tmp_path / "kfp-output"
+    with FakeKubernetes(env={"PYTHONPATH": str(REPO)}) as k8s:
+        kube.train_imgnet_on_cluster(
+            cfg, o, 0, str(root / "data"), str(root / "labnet/round0"), str(out), timeout_s=240, host=k8s.url
+        )
+        (post,) = [r for r in k8s.requests if r["method"] == "POST"]
+    cmd = FakeKubernetes().command(post["body"])
+    work = shared / "dseh-jobs" / o.name
+    assert cmd[cmd.index("--data") + 1] == str(work / "inputs" / "data")
+    assert cmd[cmd.index("--out") + 1] == str(work / "output")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == LEARNING["imgnet"]["epochs"][0]
+    codes = np.load(out / "codes.npy")
+    assert codes.shape[0] == len(np.load(root / "data/labels.npy"))
+    assert not work.exists()  # the job's folder on the shared volume is removed afterwards
+    assert os.listdir(tmp_path / "pvc" / "dseh-jobs") == []
+
+
+def test_the_rbac_manifest_grants_what_submit_and_wait_calls():
+    role, binding = yaml.safe_load_all((REPO / "pipelines/trainer-rbac.yaml").read_text())
+    granted = {
+        (g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    for group, _, plural in (kube.TRAINJOB, kube.PYTORCHJOB):
+        assert {"create", "get"} <= granted[(group, plural)]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
