@@ -108,8 +108,9 @@ def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
 
 def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, data_dir):
     cache = tmp_path / "labnet-cache"
-    first = stages.train_rounds(from_dict(tiny_raw(**SMALL)), data_dir, stages.Layout(tmp_path / "a"), False, cache)
-    imgnet_only = from_dict(tiny_raw(**SMALL), ["imgnet.gamma_if=0"])  # DSEH-S: ImgNet's params differ
+    quick = tiny_raw(imgnet={"epochs": [1]})
+    first = stages.train_rounds(from_dict(quick), data_dir, stages.Layout(tmp_path / "a"), False, cache)
+    imgnet_only = from_dict(quick, ["imgnet.gamma_if=0"])  # DSEH-S: ImgNet's params differ
     shared = stages.train_rounds(imgnet_only, data_dir, stages.Layout(tmp_path / "b"), False, cache)
     fresh = stages.train_rounds(imgnet_only, data_dir, stages.Layout(tmp_path / "c"), False, None)
     assert not first.get("reused") and shared["reused"] and not fresh.get("reused")
@@ -120,7 +121,7 @@ def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path
         np.load(tmp_path / "b/imgnet/round0/codes.npy"), np.load(tmp_path / "c/imgnet/round0/codes.npy")
     )
     other = stages.train_rounds(
-        from_dict(tiny_raw(**SMALL), ["labnet.gamma_hl=0"]), data_dir, stages.Layout(tmp_path / "d"), False, cache
+        from_dict(quick, ["labnet.gamma_hl=0"]), data_dir, stages.Layout(tmp_path / "d"), False, cache
     )
     assert not other.get("reused") and len(list(cache.iterdir())) == 2
 

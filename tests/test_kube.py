@@ -103,8 +103,17 @@ def test_a_failed_job_and_an_unreachable_api_end_in_one_error():
         kube.submit_and_wait(m, timeout_s=1, poll_s=0.05, host=k8s.url)
 
 
-@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
-def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_path, kind):
+def test_job_state_reads_each_kind_of_condition():
+    tj, pj = (kube.job_manifest(opts(kind=k), STEP) for k in ("trainjob", "pytorchjob"))
+    running = {"conditions": [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]}
+    assert kube.job_state(tj, running) == kube.job_state(pj, None) == "running"
+    assert kube.job_state(tj, {"conditions": [{"type": "Complete", "status": "True"}]}) == "succeeded"
+    assert kube.job_state(pj, {"conditions": [{"type": "Succeeded", "status": "True"}]}) == "succeeded"
+    assert kube.job_state(pj, {"conditions": [{"type": "Failed", "status": "False"}]}) == "running"
+    assert kube.job_state(pj, {"conditions": [{"type": "Failed", "status": "True"}]}) == "failed"
+
+
+def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_path):
     cfg = yaml.safe_dump(tiny_raw(**LEARNING))
     (tmp_path / "params.yaml").write_text(cfg)
     root = tmp_path / "local"
@@ -112,7 +121,7 @@ def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_
     for step in ("prepare", "train-labnet"):
         assert main([step, *args]) == 0
     shared = tmp_path / "pvc"
-    o = opts(kind=kind, nodes=2, gpus_per_node=1, mount_path=str(shared))
+    o = opts(kind="trainjob", nodes=2, gpus_per_node=1, mount_path=str(shared))
     out = tmp_path / "kfp-output"
     with FakeKubernetes(env={"PYTHONPATH": str(REPO)}) as k8s:
         kube.train_imgnet_on_cluster(
