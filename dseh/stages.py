@@ -809,7 +809,7 @@ def _register_and_promote(
     }
 
 
-# --------------------------------------------------------------------------- code-length sweep
+# --------------------------------------------------------------------------- a training step on several GPUs
 
 
 def run_training_step(
@@ -845,6 +845,9 @@ def run_training_step(
                 args += [flag, str(path)]
         kube.run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)
     return json.loads((Path(out_dir) / SUMMARY).read_text())
+
+
+# --------------------------------------------------------------------------- code-length sweep
 
 
 def sweep_bits(cfg: Config, data_dir: str | Path, bits: int, out_root: str | Path, progress: bool = True) -> dict:
