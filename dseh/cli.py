@@ -192,8 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from dseh import stages
     from dseh.config import load_config
 
@@ -211,16 +209,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({cfg.train.rounds} rounds)")
         return 0
     if args.command == "index":
+        import numpy as np
+
         from dseh import index as ix
         from dseh.data import PreparedData
+        from dseh.search import item_codes
 
         data = PreparedData(args.data)
-        codes_file = Path(args.codes or Path(args.model) / stages.CODES)
-        if not codes_file.is_file():
-            raise DsehError(f"{codes_file} does not exist: give --model (an ImgNet output) or --codes")
-        codes = np.load(codes_file, mmap_mode="r")
-        if len(codes) != len(data.labels):
-            raise DsehError(f"{codes_file} has {len(codes)} codes but {args.data} has {len(data.labels)} items")
+        codes = item_codes(Path(args.codes or Path(args.model) / stages.CODES), data, args.data)
         out = Path(args.out or Path(args.model) / f"index-{args.kind}.faiss")
         db = codes[np.asarray(data.database)]
         index, report = ix.build_and_measure(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dseh.errors import DsehError
+from dseh.tracking import PIPELINE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ class JobOptions:
 
 def _env(opts: JobOptions) -> list[dict]:
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
-    if os.environ.get("DSEH_PIPELINE_RUN"):  # the job's MLflow runs nest under the pipeline run's
-        env.append({"name": "DSEH_PIPELINE_RUN", "value": os.environ["DSEH_PIPELINE_RUN"]})
+    if os.environ.get(PIPELINE_ENV):  # the job's MLflow runs nest under the pipeline run's
+        env.append({"name": PIPELINE_ENV, "value": os.environ[PIPELINE_ENV]})
     for kind, secret in (("s3", opts.s3_secret), ("mlflow", opts.mlflow_secret)):
         for key in SECRET_KEYS[kind]:
             ref = {"name": secret, "key": key, "optional": True}
@@ -245,7 +246,7 @@ def job_name(prefix: str, run_id: str) -> str:
 
 
 def env_pipeline_run() -> str:
-    return os.environ.get("DSEH_PIPELINE_RUN", "") or f"local-{os.getpid()}-{int(time.time())}"
+    return os.environ.get(PIPELINE_ENV, "") or f"local-{os.getpid()}-{int(time.time())}"
 
 
 def train_imgnet_on_cluster(
@@ -264,7 +265,7 @@ def train_imgnet_on_cluster(
     the job's folder. A retried step finds the same job by name and waits for it again."""
     import shutil
 
-    from dseh.storage import atomic_dir
+    from dseh.storage import copy_dir
 
     work = Path(opts.mount_path) / "dseh-jobs" / opts.name
     (work / "inputs").mkdir(parents=True, exist_ok=True)
@@ -273,12 +274,10 @@ def train_imgnet_on_cluster(
     for flag, src in (("--data", data_dir), ("--labnet", labnet_dir), ("--prev-imgnet", prev_imgnet)):
         if src:
             dst = work / "inputs" / flag.strip("-")
-            if not dst.exists():
-                shutil.copytree(src, dst.with_name(dst.name + ".tmp"), dirs_exist_ok=True)
-                os.replace(dst.with_name(dst.name + ".tmp"), dst)
+            if not dst.exists():  # a retried step staged it already
+                copy_dir(src, dst)
             args += [flag, str(dst)]
     args += ["--out", str(work / "output")]
     submit_and_wait(job_manifest(opts, args), timeout_s=timeout_s, host=host)
-    with atomic_dir(out_dir) as tmp:
-        shutil.copytree(work / "output", tmp, dirs_exist_ok=True)
+    copy_dir(work / "output", out_dir)
     shutil.rmtree(work, ignore_errors=True)

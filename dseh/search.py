@@ -40,6 +40,19 @@ def _encode_with_mlflow(model_uri: str, images: list[str]) -> np.ndarray:
     return np.asarray(model.predict(load_query_images(images, int(shape[1]))))
 
 
+def item_codes(codes_file: Path, data: PreparedData, data_dir: str | Path) -> np.ndarray:
+    """The packed codes of every item of `data`, memory-mapped from `codes_file`; a missing file, or
+    the codes of another dataset, is one clear error."""
+    if not codes_file.is_file():
+        raise DsehError(f"{codes_file} does not exist: pass the packed database codes of this model")
+    codes = np.load(codes_file, mmap_mode="r")
+    if len(codes) != len(data.labels):
+        raise DsehError(
+            f"{codes_file} has {len(codes)} codes but {data_dir} has {len(data.labels)} items: another dataset?"
+        )
+    return codes
+
+
 def search(
     model_dir: str,
     data_dir: str,
@@ -73,16 +86,10 @@ def search(
         with torch.no_grad():
             _, u = model(torch.from_numpy(x))
         q = pack(u.numpy())
-    if not codes_file.is_file():
-        raise DsehError(f"{codes_file} does not exist: pass the packed database codes of this model")
-    db_codes = np.load(codes_file, mmap_mode="r")
+    db_codes = item_codes(codes_file, data, data_dir)
     if q.shape[1] != db_codes.shape[1]:
         raise DsehError(
             f"the model emits {q.shape[1] * 8}-bit (padded) codes but {codes_file} holds {db_codes.shape[1] * 8}-bit rows"
-        )
-    if len(db_codes) != len(data.labels):
-        raise DsehError(
-            f"{codes_file} has {len(db_codes)} codes but {data_dir} has {len(data.labels)} items: another dataset?"
         )
     db_items = data.database
     if index_path:

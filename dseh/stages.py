@@ -26,7 +26,7 @@ from dseh.data import MANIFEST, PreparedData, open_source, write_prepared
 from dseh.errors import DsehError
 from dseh.models.backbones import create_backbone
 from dseh.models.nets import ImgNet, LabNet
-from dseh.storage import atomic_dir, local_copy
+from dseh.storage import atomic_dir, copy_dir, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def train_labnet(
             model, optimizer, labels, F_buf, H_buf, cfg.labnet, cfg.train, round_index, epochs, seed
         )
         out = Path(out_dir)
-        fp = _fingerprint("train_labnet", round_index, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, bits, inputs)
+        fp = _labnet_fingerprint(cfg, round_index, inputs)
         ckpt = _checkpoint_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -294,6 +294,14 @@ def train_labnet(
             tr.log_metrics(summary)
             tr.log_artifacts(out, "labnet")
     return summary
+
+
+def _labnet_fingerprint(cfg: Config, round_index: int, inputs: list[str]) -> str:
+    """What a LabNet phase's result depends on: its params, the training params, seed, bits and
+    its inputs' hashes (the resume checkpoint and the comparison's shared LabNets are keyed by it)."""
+    return _fingerprint(
+        "train_labnet", round_index, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, cfg.bits, inputs
+    )
 
 
 def _secondary_rank() -> bool:
@@ -364,6 +372,7 @@ def train_imgnet(
     rank = train.init_distributed(cfg.train.device)
     with tracking.step_run(cfg, "train_imgnet", data.sha256, {"dseh.round": str(round_index)}) as tr:
         device = train.resolve_device(cfg.train.device)
+        precision = train.precision(device, cfg.train.amp)  # bf16 or fp32: in the fingerprint and summary
         seed = phase_seed(cfg.seed, "imgnet", round_index)
         train.set_determinism(seed, cfg.train.threads)
         image_size = int(data.images.shape[1])
@@ -431,7 +440,7 @@ def train_imgnet(
             cfg.seed,
             cfg.bits,
             inputs,
-            train.precision(device, cfg.train.amp),
+            precision,
         )
         ckpt = _checkpoint_path(out)
         t0 = time.perf_counter()
@@ -448,7 +457,7 @@ def train_imgnet(
             "round": round_index,
             "method": cfg.method,
             "epochs": epochs,
-            "precision": train.precision(device, cfg.train.amp),
+            "precision": precision,
             "seconds": round(time.perf_counter() - t0, 3),
             "distinct_codes_database": count_distinct(codes[data.database]),
             "final": {k: v for k, v in (history[-1] if history else {}).items() if k not in ("round", "epoch")},
@@ -874,27 +883,20 @@ def train_rounds(
     With `labnet_cache`, round 0's LabNet is shared between runs whose LabNet inputs are the same
     (its params, the training params, seed, bits and data split: what its step fingerprint holds),
     such as runs that differ only in ImgNet's params; a shared one's summary says `reused`."""
-    import shutil
-
     data = _open_data(data)
     summary: dict = {}
     for r in range(cfg.train.rounds):
         prev_l, prev_i = (lay.labnet(r - 1), lay.imgnet(r - 1)) if r else (None, None)
         cached = None
         if r == 0 and labnet_cache is not None and cfg.method == "dseh":
-            key = _fingerprint(
-                "train_labnet", 0, to_dict(cfg.labnet), to_dict(cfg.train), cfg.seed, cfg.bits, data.sha256
-            )
-            cached = Path(labnet_cache) / key[:24]
+            cached = Path(labnet_cache) / _labnet_fingerprint(cfg, 0, [data.sha256])[:24]
         if cached is not None and (cached / SUMMARY).is_file():
-            with atomic_dir(lay.labnet(0)) as tmp:
-                shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            copy_dir(cached, lay.labnet(0))
             summary = {**json.loads((cached / SUMMARY).read_text()), "reused": True}
         else:
             summary = train_labnet(cfg, data, r, lay.labnet(r), prev_l, prev_i, progress)
             if cached is not None:
-                with atomic_dir(cached) as tmp:
-                    shutil.copytree(lay.labnet(0), tmp, dirs_exist_ok=True)
+                copy_dir(lay.labnet(0), cached)
         train_imgnet(cfg, data, r, lay.labnet(r), lay.imgnet(r), prev_i, progress)
     return summary
 

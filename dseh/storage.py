@@ -163,3 +163,9 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_dir(src: str | Path, dst: str | Path) -> None:
+    """Copy the folder `src` to `dst` through atomic_dir: `dst` appears whole or not at all."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
