@@ -51,7 +51,8 @@ def run_size(n: int, args, rng, tmp: Path, centres: np.ndarray, labels: np.ndarr
     q = np.asarray(qf)
     t0 = time.perf_counter()
     exact = ix.exact_topk(q, db, args.k)
-    base = 1000 * (time.perf_counter() - t0) / len(q)
+    t_exact = time.perf_counter() - t0
+    base = 1000 * t_exact / len(q)
     print(f"\n{n:,} database codes ({db.nbytes / 2**20:.0f} MiB on disk), {len(q)} queries")
     print(f"  exact chunked scan          {base:8.2f} ms/query  (baseline)")
     index = None
@@ -63,15 +64,13 @@ def run_size(n: int, args, rng, tmp: Path, centres: np.ndarray, labels: np.ndarr
             index = ix.build_index(db, kind)
             ix.set_search_effort(index)
         build = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        approx = ix.index_topk(index, q, args.k)
-        lat = 1000 * (time.perf_counter() - t0) / len(q)
-        rec = ix.recall_at_k(approx, exact)
+        m = ix.measure_index(index, q, args.k, exact, t_exact)
         size = faiss.serialize_index_binary(index).nbytes / 2**20
-        what = f"ivf nlist={index.nlist} nprobe={index.nprobe}" if kind == "ivf" else f"mih nhash={index.nhash}"
+        what = f"ivf nlist={m['nlist']} nprobe={m['nprobe']}" if kind == "ivf" else f"mih nhash={m['nhash']}"
         print(
-            f"  {what:26}  {lat:8.2f} ms/query  {base / lat:6.1f}x  recall@{args.k} ids {rec['ids']:.3f} "
-            f"distance {rec['distance']:.3f}  build {build:6.1f} s  index {size:6.0f} MiB"
+            f"  {what:26}  {m['index_ms_per_query']:8.2f} ms/query  {m['speedup']:6.1f}x  recall@{args.k} ids "
+            f"{m[f'recall_at_{args.k}_ids']:.3f} distance {m[f'recall_at_{args.k}_distance']:.3f}  "
+            f"build {build:6.1f} s  index {size:6.0f} MiB"
         )
     nq = args.eval_queries
     t0 = time.perf_counter()

@@ -39,6 +39,25 @@ from dseh.models.nets import ImgNet  # noqa: E402
 from tests.matconvnet import FULL_CONVS, write_cnnf  # noqa: E402
 
 
+def dseh_phase(cfg, name: str, weights: str, size: int, images: np.ndarray, epochs: int, device: torch.device):
+    """(model, optimiser, the real ImgNet phase) under DSEH's objective with random LabNet targets
+    for the len(images) training items: what both modes time."""
+    torch.manual_seed(0)
+    model = train.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
+    groups, mults = train.imgnet_param_groups(model, 1e-4, 0.1)
+    opt = train.make_optimizer(groups, cfg.train)
+    rng = np.random.default_rng(0)
+    n = len(images)
+    labels = torch.from_numpy((rng.random((n, 21)) < 0.2).astype(np.float32)).to(device)
+    B = torch.from_numpy(np.where(rng.random((n, 32)) < 0.5, 1.0, -1.0).astype(np.float32)).to(device)
+    F = torch.from_numpy(rng.random((n, 512)).astype(np.float32)).to(device)
+    objective = train.dseh_objective(labels, B, F, cfg.imgnet)
+    phase = train.imgnet_phase(
+        model, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, epochs, 0, device
+    )
+    return model, opt, phase
+
+
 def bench(
     name: str, weights: str, size: int, batch: int, steps: int, device: torch.device, amp: bool, n_train: int = 512
 ) -> float:
@@ -49,19 +68,8 @@ def bench(
             "train": {"loader_workers": 2, "amp": amp},
         }
     )
-    torch.manual_seed(0)
-    model = train.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
-    groups, mults = train.imgnet_param_groups(model, 1e-4, 0.1)
-    opt = train.make_optimizer(groups, cfg.train)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (n_train, size, size, 3), dtype=np.uint8)
-    labels = torch.from_numpy((rng.random((n_train, 21)) < 0.2).astype(np.float32)).to(device)
-    B = torch.from_numpy(np.where(rng.random((n_train, 32)) < 0.5, 1.0, -1.0).astype(np.float32)).to(device)
-    F = torch.from_numpy(rng.random((n_train, 512)).astype(np.float32)).to(device)
-    objective = train.dseh_objective(labels, B, F, cfg.imgnet)
-    phase = train.imgnet_phase(
-        model, opt, mults, images, np.arange(n_train), objective, cfg.imgnet, cfg.train, 0, 1, 0, device
-    )
+    images = np.random.default_rng(1).integers(0, 255, (n_train, size, size, 3), dtype=np.uint8)
+    model, opt, phase = dseh_phase(cfg, name, weights, size, images, 1, device)
     idx = np.arange(batch) % n_train
     model.train()
 
@@ -144,19 +152,8 @@ def bench_loop(name: str, weights: str, size: int, args: argparse.Namespace, dev
 
         dist.barrier()
     images = np.load(path, mmap_mode="r")
-    torch.manual_seed(0)
-    model = train.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
-    groups, mults = train.imgnet_param_groups(model, 1e-4, 0.1)
-    opt = train.make_optimizer(groups, cfg.train)
-    rng = np.random.default_rng(0)
     n = args.n_train
-    labels = torch.from_numpy((rng.random((n, 21)) < 0.2).astype(np.float32)).to(device)
-    B = torch.from_numpy(np.where(rng.random((n, 32)) < 0.5, 1.0, -1.0).astype(np.float32)).to(device)
-    F = torch.from_numpy(rng.random((n, 512)).astype(np.float32)).to(device)
-    objective = train.dseh_objective(labels, B, F, cfg.imgnet)
-    phase = train.imgnet_phase(
-        model, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, args.epochs, 0, device
-    )
+    _, _, phase = dseh_phase(cfg, name, weights, size, images, args.epochs, device)
     sampler = GpuSampler(device.index or 0) if device.type == "cuda" and info.main else None
     t_start = time.perf_counter()
     history = train.run_phase(phase, cfg.train, None, "bench", progress=False)

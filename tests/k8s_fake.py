@@ -46,7 +46,8 @@ class FakeKubernetes:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def command(self, job: dict) -> list[str]:
+    @staticmethod
+    def command(job: dict) -> list[str]:
         spec = job["spec"]
         if job["kind"] == "TrainJob":
             return spec["trainer"]["command"]

@@ -128,7 +128,7 @@ def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_
             cfg, o, 0, str(root / "data"), str(root / "labnet/round0"), str(out), timeout_s=240, host=k8s.url
         )
         (post,) = [r for r in k8s.requests if r["method"] == "POST"]
-    cmd = FakeKubernetes().command(post["body"])
+    cmd = FakeKubernetes.command(post["body"])
     work = shared / "dseh-jobs" / o.name
     assert cmd[cmd.index("--data") + 1] == str(work / "inputs" / "data")
     assert cmd[cmd.index("--out") + 1] == str(work / "output")
