@@ -123,20 +123,17 @@ def train_imgnet_job(
 ):
     """The ImgNet step over several nodes: a Kubeflow Trainer job (TrainJob or PyTorchJob) on the
     same image runs it under torchrun; this pod stages the inputs on the shared volume and waits."""
-    import json
-    from pathlib import Path
-
     from dseh import kube
 
     # one name per pipeline run and round: a retried step finds its job again instead of starting another
+    name = kube.job_name(f"dseh-imgnet-r{round_index}", kube.env_pipeline_run())
     opts = kube.JobOptions(
-        name=kube.job_name(f"dseh-imgnet-r{round_index}", kube.env_pipeline_run()), image=image, nodes=nodes, gpus_per_node=gpus, kind=kind, namespace=namespace,
+        name=name, image=image, nodes=nodes, gpus_per_node=gpus, kind=kind, namespace=namespace,
         pvc_name=pvc_name, s3_secret=s3_secret, mlflow_secret=mlflow_secret,
     )  # fmt: skip
-    kube.train_imgnet_on_cluster(
+    summary = kube.train_imgnet_on_cluster(
         config, opts, round_index, data.path, labnet.path, imgnet.path, prev_imgnet.path if prev_imgnet else None
     )
-    summary = json.loads((Path(imgnet.path) / "summary.json").read_text())
     imgnet.metadata.update({"round": round_index, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
 
 

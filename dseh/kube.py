@@ -259,12 +259,15 @@ def train_imgnet_on_cluster(
     prev_imgnet: str | None = None,
     timeout_s: float = 24 * 3600,
     host: str | None = None,
-) -> None:
+) -> dict:
     """The ImgNet step as a multi-node job: stage the resolved params and the inputs on the shared
     volume (mounted here at opts.mount_path), run the job, copy its output to `out_dir`, and remove
-    the job's folder. A retried step finds the same job by name and waits for it again."""
+    the job's folder; returns the step's summary. A retried step finds the same job by name and
+    waits for it again."""
+    import json
     import shutil
 
+    from dseh.stages import SUMMARY
     from dseh.storage import copy_dir
 
     work = Path(opts.mount_path) / "dseh-jobs" / opts.name
@@ -281,3 +284,4 @@ def train_imgnet_on_cluster(
     submit_and_wait(job_manifest(opts, args), timeout_s=timeout_s, host=host)
     copy_dir(work / "output", out_dir)
     shutil.rmtree(work, ignore_errors=True)
+    return json.loads((Path(out_dir) / SUMMARY).read_text())
