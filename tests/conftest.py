@@ -3,6 +3,7 @@ on free loopback ports (started once per session, stopped by PID)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -110,6 +111,8 @@ def stop_pid(proc: subprocess.Popen, grace: float = 3.0) -> None:
 
 
 class S3Server:
+    KEY_ID, SECRET = "dseh-test", "dseh-test-secret"  # test-only keys of the loopback server
+
     def __init__(self, endpoint: str, proc: subprocess.Popen):
         self.endpoint = endpoint
         self.proc = proc
@@ -117,8 +120,8 @@ class S3Server:
     def env(self) -> dict[str, str]:
         return {
             "AWS_ENDPOINT_URL_S3": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "dseh-test",
-            "AWS_SECRET_ACCESS_KEY": "dseh-test-secret",
+            "AWS_ACCESS_KEY_ID": self.KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
@@ -146,10 +149,17 @@ def _weed() -> str:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real SeaweedFS S3 server on 127.0.0.1 (anonymous access), stopped by PID at the end."""
+    """A real SeaweedFS S3 server on 127.0.0.1 that checks credentials (S3Server.env's key pair is
+    its one identity), stopped by PID at the end."""
     data = tmp_path_factory.mktemp("seaweed")
     ports = [free_port() for _ in range(4)]
     master, volume, filer, s3 = ports
+    identity = {
+        "name": "dseh-test",
+        "credentials": [{"accessKey": S3Server.KEY_ID, "secretKey": S3Server.SECRET}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    (data / "s3.json").write_text(json.dumps({"identities": [identity]}))
     log = open(data / "weed.log", "w")
     proc = subprocess.Popen(
         [
@@ -164,6 +174,7 @@ def s3_server(tmp_path_factory):
             f"-filer.port={filer}",
             "-s3",
             f"-s3.port={s3}",
+            f"-s3.config={data / 's3.json'}",
             "-metricsPort=0",
             "-volume.max=100",
             "-master.volumeSizeLimitMB=32",

@@ -233,6 +233,24 @@ def test_s3_missing_object_names_bucket_and_key(tmp_path, s3_env):
         storage.read_text("s3://dseh-empty/none/train.txt")
 
 
+@pytest.mark.parametrize("wrong", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
+def test_s3_wrong_credentials_end_in_access_denied(tmp_path, s3_env, monkeypatch, wrong):
+    col = tmp_path / "col"
+    make_list_collection(col)
+    bucket = "dseh-private-" + ("secret" if "SECRET" in wrong else "keyid")
+    _upload_collection(s3_env.client(), bucket, col, "nus")
+    monkeypatch.setenv(wrong, "not-the-key")
+    storage._local.__dict__.clear()
+    with pytest.raises(DsehError, match=rf"access denied to s3://{bucket}/nus/train.txt \(\w+\): check AWS"):
+        storage.read_text(f"s3://{bucket}/nus/train.txt")
+    raw = tiny_raw(data={"source": "list-files", "image_root": f"s3://{bucket}/nus/images"})
+    raw["data"]["list_dir"] = f"s3://{bucket}/nus"
+    out = tmp_path / "out"
+    with pytest.raises(DsehError, match="access denied"):
+        stages.prepare(from_dict(raw), out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+
+
 def test_s3_unreachable_server_fails_fast(tmp_path, monkeypatch):
     from tests.conftest import free_port
 
