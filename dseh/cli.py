@@ -222,8 +222,7 @@ def _run(args: argparse.Namespace) -> int:
         index, report = ix.build_and_measure(
             db, np.asarray(codes[np.asarray(data.query)]), args.k, args.kind, args.nlist, args.nprobe, args.nflip
         )
-        ix.save_index(index, out)
-        out.with_name(out.name + ".json").write_text(json.dumps(report, indent=2))
+        ix.save_index(index, out, report)
         print(json.dumps({"index": str(out), **report}, indent=2))
         return 0
     if args.command == "job-manifest":

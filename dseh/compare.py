@@ -34,7 +34,7 @@ from dseh.config import (
     trials,
 )
 from dseh.data import PreparedData
-from dseh.storage import atomic_dir
+from dseh.storage import atomic_dir, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,8 @@ def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_frac
         **state,
         "fingerprint": fp,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = result_file.with_name(result_file.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(result_file)
+    with atomic_file(result_file) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     log.info(
         "%s: mAP@ALL %.4f, mAP@%d %.4f, %.0f s%s",

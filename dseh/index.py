@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from dseh.errors import DsehError
 from dseh.evaluation import hamming_topk_packed
+from dseh.storage import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +135,16 @@ def recall_at_k(approx: tuple[np.ndarray, np.ndarray], exact: tuple[np.ndarray, 
     return {"ids": float(np.mean(hits) / k), "distance": float(np.mean(within) / k)}
 
 
-def save_index(index, path: str | Path) -> None:
+def save_index(index, path: str | Path, report: dict | None = None) -> None:
+    """The index at `path` and, when given, its measurement `report` beside it at PATH.json; both
+    written in full before either replaces what was there."""
     faiss = _faiss()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index_binary(index, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        faiss.write_index_binary(index, str(tmp))
+        if report is not None:
+            with atomic_file(path.with_name(path.name + ".json")) as tmp_json:
+                tmp_json.write_text(json.dumps(report, indent=2))
 
 
 def load_index(path: str | Path):

@@ -139,6 +139,21 @@ def local_copy(uri: str, timeout_s: float = 10.0, retries: int = 3) -> Iterator[
 
 
 @contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it replaces `path` in one rename, on any
+    failure it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+@contextmanager
 def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename.
 

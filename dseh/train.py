@@ -28,6 +28,7 @@ from dseh import baselines, losses
 from dseh.config import BaselineConfig, ImgNetConfig, LabNetConfig, TrainConfig
 from dseh.errors import DsehError
 from dseh.models.nets import ImgNet, LabNet
+from dseh.storage import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,8 @@ class Phase:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state() -> dict:

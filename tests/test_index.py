@@ -2,6 +2,8 @@
 like one full scan (ties by database position), and the approximate faiss indexes report their
 recall@k against it."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,18 @@ def test_index_errors_are_clear(tmp_path):
         ix.build_index(np.zeros((10, 8), np.uint8), "lsh")
     with pytest.raises(DsehError, match="substrings of at most 32 bits"):
         ix.build_index(np.zeros((10, 8), np.uint8), "mih", nhash=1)
+
+
+def test_saving_an_index_that_fails_keeps_the_stored_one(tmp_path):
+    rng = np.random.default_rng(2)
+    old = ix.build_index(clustered_codes(rng, 2000), "ivf", nlist=8)
+    path = tmp_path / "x.faiss"
+    ix.save_index(old, path, {"n_database": 2000})
+    new = ix.build_index(clustered_codes(rng, 3000), "ivf", nlist=8)
+    with pytest.raises(TypeError):  # the report cannot be written: neither file is replaced
+        ix.save_index(new, path, {"n_database": object()})
+    assert ix.load_index(path).ntotal == 2000
+    assert json.loads(path.with_name("x.faiss.json").read_text()) == {"n_database": 2000}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.faiss", "x.faiss.json"]
+    ix.save_index(new, path, {"n_database": 3000})
+    assert ix.load_index(path).ntotal == 3000
