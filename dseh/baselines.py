@@ -1,5 +1,6 @@
 """Baselines for the paper's comparison (dseh.md section 4): LSH and ITQ on features, the DPSH and
-HashNet pairwise losses as pure functions, and collapse detection for any method's codes.
+HashNet pairwise losses as pure functions (collapse detection for any method's codes is
+dseh.codes.collapse).
 
 The deep baselines' losses plug into the same training loop as DSEH (dseh.train); only the loss
 differs. Codes follow dseh.codes: {-1, +1}, sign(0) = +1.
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dseh.codes import constant_bits, count_distinct, pack, sign
+from dseh.codes import sign
 
 
 def lsh(features: np.ndarray, bits: int, seed: int) -> np.ndarray:
@@ -98,16 +99,3 @@ def hashnet_loss(
 def hashnet_beta(step: int, step_size: int = 200, gamma: float = 0.005, power: float = 0.5) -> float:
     """HashNet's continuation: beta = (1 + gamma * step) ^ power, raised every `step_size` steps."""
     return (1.0 + gamma * (step // step_size) * step_size) ** power
-
-
-def collapse(codes: np.ndarray, min_distinct: int = 2) -> dict:
-    """Signs of a collapsed hashing method: constant bits over the database and too few distinct codes."""
-    c = np.asarray(codes)
-    packed = pack(c)
-    constant = constant_bits(packed, c.shape[1])
-    distinct = count_distinct(packed)
-    return {
-        "constant_bits": constant,
-        "distinct_codes": distinct,
-        "collapsed": constant == c.shape[1] or distinct < min_distinct,
-    }

@@ -49,3 +49,13 @@ def constant_bits(packed: np.ndarray, bits: int) -> int:
     """Number of bit positions that hold the same value in every packed row (a sign of collapse)."""
     b = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=bits)
     return int((b.min(axis=0) == b.max(axis=0)).sum()) if len(b) else 0
+
+
+def collapse(packed: np.ndarray, bits: int, min_distinct: int, label_sets: int | None = None) -> dict:
+    """Signs of collapsed codes over a database: every bit constant, or fewer distinct codes than
+    `min_distinct` (capped at the database's number of distinct label sets `label_sets`, so a model
+    that gives each of 10 classes one code is not called collapsed)."""
+    constant = constant_bits(packed, bits)
+    distinct = count_distinct(packed)
+    floor = min(min_distinct, label_sets) if label_sets else min_distinct
+    return {"constant_bits": constant, "distinct_codes": distinct, "collapsed": constant == bits or distinct < floor}

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from dseh import __version__, stages, tracking, train
-from dseh.codes import unpack
 from dseh.config import (
     DEEP_METHODS,
     Config,
@@ -94,7 +93,6 @@ def _fingerprint(cfg: Config, spec: RunSpec, data: PreparedData) -> str:
 
 def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_fraction: float) -> dict:
     """Train and evaluate one run (or return its cached result); keeps only result.json."""
-    from dseh import baselines
 
     cfg = spec.config(base)
     data = PreparedData(data_dir)
@@ -116,7 +114,7 @@ def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_frac
     seconds = time.perf_counter() - t0 + (lab_summary.get("seconds", 0.0) if lab_summary.get("reused") else 0.0)
     codes = np.load(lay.imgnet(cfg.train.rounds - 1) / stages.CODES)
     rep = stages._query_database_report(cfg.evaluate, data, codes[data.query], codes[data.database], cfg.bits)
-    state = baselines.collapse(unpack(codes[data.database], cfg.bits), cfg.baseline.collapse_min_distinct)
+    state = stages.database_collapse(cfg, data, codes, cfg.bits)
     epochs = (
         sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds))
         if cfg.method in DEEP_METHODS

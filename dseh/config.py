@@ -146,7 +146,7 @@ class BaselineConfig:
     hashnet_gamma: float = 0.005
     hashnet_power: float = 0.5
     features: str = "auto"  # itq / lsh input: auto (backbone if pretrained weights, else pixels) | pixels | backbone
-    collapse_min_distinct: int = 16  # fewer distinct database codes than this (or every bit constant): collapsed
+    collapse_min_distinct: int = 16  # fewer distinct database codes (capped at its label sets), or all bits constant
 
 
 @dataclass(frozen=True)

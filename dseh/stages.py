@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dseh import __version__, tracking, train
-from dseh.codes import constant_bits, count_distinct, pack, sign, unpack
+from dseh.codes import collapse, count_distinct, pack, sign, unpack
 from dseh.config import Config, EvaluateConfig, dump_config, epochs_for_round, from_dict, to_dict
 from dseh.data import MANIFEST, PreparedData, open_source, write_prepared
 from dseh.errors import DsehError
@@ -583,6 +583,13 @@ def _query_database_report(ev: EvaluateConfig, data: PreparedData, q_codes, db_c
     )
 
 
+def database_collapse(cfg: Config, data: PreparedData, codes: np.ndarray, bits: int) -> dict:
+    """dseh.codes.collapse of the packed codes' database rows, with baseline.collapse_min_distinct
+    capped at the database's number of distinct label sets."""
+    label_sets = int(len(np.unique(data.labels[data.database], axis=0)))
+    return collapse(codes[data.database], bits, cfg.baseline.collapse_min_distinct, label_sets)
+
+
 def evaluate(
     cfg: Config,
     data_dir: str | Path,
@@ -646,9 +653,13 @@ def evaluate(
             "queries": int(len(data.query)),
             "database": int(len(data.database)),
             "queries_without_relevant": rep.queries_without_relevant,
-            "distinct_codes_database": count_distinct(codes[data.database]),
-            "constant_bits_database": constant_bits(codes[data.database], bits),
         }
+        state = database_collapse(cfg, data, codes, bits)
+        metrics.update(
+            distinct_codes_database=state["distinct_codes"],
+            constant_bits_database=state["constant_bits"],
+            collapsed=state["collapsed"],
+        )
         lab_feats = None
         if img_state.get("method", "dseh") == "dseh":
             labnet, _ = load_labnet(labnet_dir)
@@ -663,11 +674,13 @@ def evaluate(
                 "distinct_codes_train": count_distinct(pack(lab_codes)),
                 "distinct_label_sets_train": int(len(np.unique(data.labels[data.train], axis=0))),
             }
-        if metrics["distinct_codes_database"] == 1 or metrics["constant_bits_database"]:
+        if state["collapsed"] or state["constant_bits"]:
             log.warning(
-                "codes collapsed: %d distinct database codes, %d constant bits",
-                metrics["distinct_codes_database"],
-                metrics["constant_bits_database"],
+                "%s: %d distinct database codes, %d of %d bits constant",
+                "codes collapsed" if state["collapsed"] else "some bits carry nothing",
+                state["distinct_codes"],
+                state["constant_bits"],
+                bits,
             )
         with atomic_dir(out_dir) as tmp:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
@@ -722,8 +735,9 @@ def promote(
 ) -> dict:
     """Register the evaluated ImgNet model as a new version of tracking.registered_model, alias it
     `challenger`, and move `champion` to it only if its metric (same metric, protocol and dataset)
-    beats the champion's by at least promote.min_delta, or if there is no champion. Every decision
-    is recorded as version tags. With dry_run nothing is written anywhere."""
+    beats the champion's by at least promote.min_delta, or if there is no champion; never when
+    evaluate found its codes collapsed. Every decision is recorded as version tags. With dry_run
+    nothing is written anywhere."""
     data = PreparedData(data_dir)
     metrics_file = Path(eval_dir) / METRICS
     if not metrics_file.is_file():
@@ -752,6 +766,12 @@ def promote(
         "dseh.code_version": str(img_state.get("code_version")),
         "dseh.method": str(img_state.get("method", "dseh")),
     }
+    collapsed = (
+        f"{metrics['distinct_codes_database']} distinct database codes, {metrics['constant_bits_database']} of "
+        f"{metrics['bits']} bits constant"
+        if metrics.get("collapsed")
+        else None
+    )
     reg = cfg.tracking.registered_model
     decision: dict = {"registered_model": reg, "metric": name, "value": float(value)}
     if not cfg.tracking.enabled:
@@ -761,9 +781,9 @@ def promote(
 
         tracking.check_server(tracking.tracking_uri(), cfg.tracking.timeout_s)
         champ = tracking.current_champion(mlflow.MlflowClient(tracking.tracking_uri()), reg)
-        ok, reason = tracking.decide(float(value), tags, champ, cfg.promote.min_delta)
+        ok, reason = tracking.decide(float(value), tags, champ, cfg.promote.min_delta, collapsed)
         decision.update(
-            decision="would promote" if ok else "would keep the champion",
+            decision="would promote" if ok else ("would keep the champion" if champ else "would not promote"),
             reason=reason,
             champion_version=getattr(champ, "version", None),
             dry_run=True,
@@ -773,7 +793,7 @@ def promote(
             if tr is None:
                 decision.update(decision="skipped", reason="tracking server unreachable and tracking.required is false")
             else:
-                decision.update(_register_and_promote(cfg, data, imgnet_dir, img_state, float(value), tags))
+                decision.update(_register_and_promote(cfg, data, imgnet_dir, img_state, float(value), tags, collapsed))
                 tr.log_metrics({"candidate_" + name: float(value)})
     if out_dir is not None and not dry_run:
         with atomic_dir(out_dir) as tmp:
@@ -784,7 +804,7 @@ def promote(
 
 
 def _register_and_promote(
-    cfg: Config, data: PreparedData, imgnet_dir, img_state: dict, value: float, tags: dict
+    cfg: Config, data: PreparedData, imgnet_dir, img_state: dict, value: float, tags: dict, collapsed: str | None
 ) -> dict:
     import mlflow
 
@@ -798,9 +818,10 @@ def _register_and_promote(
     version = mlflow.register_model(info.model_uri, reg, tags=tags).version
     client.set_registered_model_alias(reg, tracking.CHALLENGER, version)
     champ = tracking.current_champion(client, reg)
-    ok, reason = tracking.decide(value, tags, champ, cfg.promote.min_delta)
+    ok, reason = tracking.decide(value, tags, champ, cfg.promote.min_delta, collapsed)
     champ_metric = tracking._version_metric(champ) if champ is not None else None
-    client.set_model_version_tag(reg, version, "dseh.decision", "promoted" if ok else "kept champion")
+    verdict = "promoted" if ok else ("kept the champion" if champ is not None else "not promoted")
+    client.set_model_version_tag(reg, version, "dseh.decision", verdict)
     client.set_model_version_tag(reg, version, "dseh.reason", reason)
     client.set_model_version_tag(reg, version, "dseh.champion_metric", repr(champ_metric))
     if ok:
@@ -809,7 +830,7 @@ def _register_and_promote(
     tracking.settle_champion(client, reg)
     final = tracking.current_champion(client, reg)
     return {
-        "decision": "promoted" if ok else "kept the champion",
+        "decision": verdict,
         "reason": reason,
         "version": version,
         "previous_champion_metric": champ_metric,
@@ -947,8 +968,6 @@ def shallow_baseline(
     """LSH or ITQ (dseh.baselines) fitted on the training items' features, evaluated with the same
     evaluator and split as DSEH. Features: raw pixels, or a trained ImgNet's backbone output
     (`features_from` = an ImgNet step output) for the same-backbone comparison."""
-    from dseh import baselines
-
     if method not in SHALLOW_METHODS:
         raise DsehError(f"unknown baseline '{method}'; choose lsh or itq")
     data = PreparedData(data_dir)
@@ -957,7 +976,7 @@ def shallow_baseline(
     codes, _, _ = _linear_codes(method, x_all, data.train, bits, cfg.seed)
     ev = cfg.evaluate
     rep = _query_database_report(ev, data, codes[data.query], codes[data.database], bits)
-    state = baselines.collapse(unpack(codes[data.database], bits), cfg.baseline.collapse_min_distinct)
+    state = database_collapse(cfg, data, codes, bits)
     metrics = {
         "method": method,
         "features": "imgnet-backbone" if features_from else "pixels",

@@ -257,8 +257,13 @@ def current_champion(client, name: str):
         return None
 
 
-def decide(candidate_metric: float, candidate_tags: dict, champion, min_delta: float) -> tuple[bool, str]:
-    """(promote?, reason) for a candidate against the current champion version (or None)."""
+def decide(
+    candidate_metric: float, candidate_tags: dict, champion, min_delta: float, collapsed: str | None = None
+) -> tuple[bool, str]:
+    """(promote?, reason) for a candidate against the current champion version (or None); a candidate
+    whose codes collapsed (`collapsed` says how) never becomes the champion, even with none yet."""
+    if collapsed:
+        return False, f"the candidate's codes collapsed ({collapsed})"
     if champion is None:
         return True, "no champion yet"
     keys = ("dseh.metric", "dseh.protocol", "dseh.dataset_sha256")

@@ -109,7 +109,7 @@ def test_promotion_registry_and_pyfunc_codes(tracked, mlflow_server, monkeypatch
     second = stages.promote(cfg, lay.data, lay.imgnet(0), lay.eval, tmp_path / "p2")
     assert second["decision"] == "kept the champion" and "does not beat" in second["reason"]
     v2 = client.get_model_version(name, second["version"])
-    assert v2.tags["dseh.decision"] == "kept champion" and "dseh.promoted" not in v2.tags
+    assert v2.tags["dseh.decision"] == "kept the champion" and "dseh.promoted" not in v2.tags
     assert client.get_model_version_by_alias(name, "champion").version == first["version"]
     assert client.get_model_version_by_alias(name, "challenger").version == second["version"]
     assert json.loads((tmp_path / "p2/decision.json").read_text())["decision"] == "kept the champion"
@@ -146,6 +146,32 @@ def _fake_eval(src, dst, value):
     m = json.loads((dst / "metrics.json").read_text())
     m["map_all"] = value
     (dst / "metrics.json").write_text(json.dumps(m))
+
+
+def test_collapsed_codes_never_become_champion(tracked, mlflow_server, monkeypatch, tmp_path):
+    cfg, lay, _, root = tracked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.chdir(root)
+    # the trained model's saved codes replaced by one code for every item: evaluate calls it collapsed
+    shutil.copytree(lay.imgnet(0), tmp_path / "imgnet")
+    codes = np.load(tmp_path / "imgnet/codes.npy")
+    np.save(tmp_path / "imgnet/codes.npy", np.zeros_like(codes))
+    metrics = stages.evaluate(cfg, lay.data, lay.labnet(0), tmp_path / "imgnet", tmp_path / "eval", progress=False)
+    assert metrics["collapsed"] and metrics["distinct_codes_database"] == 1 and metrics["constant_bits_database"] == 32
+    name = "dseh-promote-collapsed"
+    cfg = from_dict(_raw(tracking={"registered_model": name}))
+    dry = stages.promote(cfg, lay.data, tmp_path / "imgnet", tmp_path / "eval", None, dry_run=True)
+    assert dry["decision"] == "would not promote" and "collapsed (1 distinct database codes" in dry["reason"]
+    first = stages.promote(cfg, lay.data, tmp_path / "imgnet", tmp_path / "eval", tmp_path / "p1")
+    assert first["decision"] == "not promoted" and first["champion_version"] is None
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    assert client.get_model_version(name, first["version"]).tags["dseh.decision"] == "not promoted"
+    assert client.get_model_version_by_alias(name, "challenger").version == first["version"]
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(name, "champion")
+    # the model's own codes do not collapse, and become the champion
+    second = stages.promote(cfg, lay.data, lay.imgnet(0), lay.eval, tmp_path / "p2")
+    assert second["decision"] == "promoted" and second["reason"] == "no champion yet"
 
 
 @pytest.mark.parametrize("order", ["better_first", "worse_first"])
