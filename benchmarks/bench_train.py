@@ -1,6 +1,6 @@
 """ImgNet training throughput (images/s) per backbone on the current device.
 
-Two modes:
+Three modes:
 - `--mode step` (default): the real ImgNet training step (forward, both losses, backward, clipping,
   Adam) on random uint8 images already in memory, after warm-up steps.
 - `--mode loop`: the whole training loop, `train.run_phase`, over a uint8 memory-mapped .npy of
@@ -9,12 +9,17 @@ Two modes:
   It prints images/s of the epochs after the first (warm-up, compile) and, on CUDA, the GPU
   utilisation sampled by nvidia-smi over those epochs. Under torchrun every rank runs it and rank 0
   prints the throughput of all ranks together.
+- `--mode feed`: the loop's data path alone, the phase's own `fetch` (memmap gather, flips, pinned
+  memory on CUDA) with 1, 2, 4, ... up to `--workers` threads and the loop's prefetch depth, no
+  model step: the images/s the loader can hand a GPU, against which a training step's rate shows
+  whether loading can starve it; beside it, a plain numpy gather-then-flip in the same process. The
+  file is read from the page cache (it was just written).
 
 CNN-F is built from a MatConvNet-layout file with random weights of the real shapes
 (tests/matconvnet.py), written to a temp folder.
 
 Usage: .venv/bin/python benchmarks/bench_train.py [--backbones small,cnnf,alexnet,vgg16,resnet50]
-       [--mode step|loop] [--steps 5] [--batch 128] [--device auto] [--compile] [--no-amp]
+       [--mode step|loop|feed] [--steps 5] [--batch 128] [--device auto] [--compile] [--no-amp]
        [--workers 2] [--n-train 4096] [--epochs 3]
        torchrun --nproc-per-node N benchmarks/bench_train.py --mode loop ...
 """
@@ -124,6 +129,64 @@ class GpuSampler:
             self.proc.wait()
 
 
+def memmap_images(tmp: Path, n: int, size: int, info: train.Dist) -> np.ndarray:
+    """A uint8 (n, size, size, 3) .npy of random pixels in `tmp`, written once by rank 0, memory-mapped."""
+    path = tmp / f"images-{size}.npy"
+    if info.main and not path.exists():
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        rng = np.random.default_rng(0)
+        for s in range(0, n, 512):
+            mm[s : s + 512] = rng.integers(0, 255, mm[s : s + 512].shape, dtype=np.uint8)
+        mm.flush()
+        del mm
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return np.load(path, mmap_mode="r")
+
+
+def numpy_fetch(images: np.ndarray, pin: bool):
+    """The baseline data path: fancy indexing, then the strided numpy flip of the flipped rows, then
+    a copy into pinned memory on CUDA (what the loop did before gather_images copied row by row)."""
+    flips = np.random.default_rng(0).random(len(images)) < 0.5
+
+    def fetch(idx: np.ndarray, _epoch: int, _b: int) -> torch.Tensor:
+        x = images[np.sort(idx)]
+        f = flips[np.sort(idx)]
+        x[f] = x[f, :, ::-1]
+        t = torch.from_numpy(x)
+        return t.pin_memory() if pin else t
+
+    return fetch
+
+
+def bench_feed(name: str, weights: str, size: int, args: argparse.Namespace, device: torch.device, tmp: Path):
+    """Images/s of the phase's own fetch over shuffled global batches, per number of gather threads,
+    prefetching workers + 1 batches ahead as run_phase does, and of the numpy baseline in the same
+    process; [(threads, images/s, baseline images/s)], best of 2 epochs each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = from_dict({"bits": 32, "imgnet": {"backbone": name, "weights": weights, "batch_size": args.batch}})
+    images = memmap_images(tmp, args.n_train, size, train.dist_info())
+    _, _, phase = dseh_phase(cfg, name, weights, size, images, 2, device)
+    baseline = numpy_fetch(images, device.type == "cuda")
+    batches = train.rank_batches(np.random.default_rng(0).permutation(args.n_train), args.batch, train.Dist())
+    threads = [t for t in (1, 2, 4, 8, 16, 32, 64) if t < args.workers] + [args.workers]
+    rates = []
+    for w in threads:
+        best = {}
+        with ThreadPoolExecutor(max_workers=w) as pool:
+            for fetch in (phase.fetch, baseline, phase.fetch, baseline):
+                t0 = time.perf_counter()
+                for _ in train.prefetch(pool, fetch, batches, 0, w + 1):
+                    pass
+                ips = sum(len(b) for b in batches) / (time.perf_counter() - t0)
+                best[fetch] = max(best.get(fetch, 0.0), ips)
+        rates.append((w, best[phase.fetch], best[baseline]))
+    return rates
+
+
 def bench_loop(name: str, weights: str, size: int, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
     """The real training loop over a memory-mapped file; images/s after the first epoch."""
     info = train.dist_info()
@@ -139,19 +202,7 @@ def bench_loop(name: str, weights: str, size: int, args: argparse.Namespace, dev
             },
         }
     )
-    path = tmp / f"images-{size}.npy"
-    if info.main and not path.exists():
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(args.n_train, size, size, 3))
-        rng = np.random.default_rng(0)
-        for s in range(0, args.n_train, 512):
-            mm[s : s + 512] = rng.integers(0, 255, mm[s : s + 512].shape, dtype=np.uint8)
-        mm.flush()
-        del mm
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-    images = np.load(path, mmap_mode="r")
+    images = memmap_images(tmp, args.n_train, size, info)
     n = args.n_train
     _, _, phase = dseh_phase(cfg, name, weights, size, images, args.epochs, device)
     sampler = GpuSampler(device.index or 0) if device.type == "cuda" and info.main else None
@@ -195,7 +246,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--mode", choices=["step", "loop"], default="step")
+    ap.add_argument("--mode", choices=["step", "loop", "feed"], default="step")
     ap.add_argument("--compile", action="store_true", help="loop: torch.compile the training step")
     ap.add_argument("--no-amp", action="store_true", help="float32 instead of bf16 autocast")
     ap.add_argument("--no-channels-last", action="store_true")
@@ -207,6 +258,18 @@ def main() -> None:
     info = train.init_distributed(args.device)
     device = train.resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.mode == "feed":
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            print(f"device: {card}; the data path alone; batch {args.batch}; {args.n_train} images")
+            for name in args.backbones.split(","):
+                weights, size = backbone_input(name, Path(tmp), info)
+                for w, ips, base in bench_feed(name, weights, size, args, device, Path(tmp)):
+                    mib = ips * size * size * 3 / 2**20
+                    print(
+                        f"{name:10} {size:>3}x{size:<3} {w:3d} threads {ips:9.0f} images/s fed ({mib:,.0f} MiB/s); "
+                        f"numpy baseline {base:7.0f} images/s: {ips / base:.1f}x"
+                    )
+        return
     if args.mode == "loop":
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             if info.enabled:  # every rank uses rank 0's folder

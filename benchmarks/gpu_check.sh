@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one short script (README "GPU throughput"): training throughput of CNN-F and
+# The GPU check, one short script (README "GPU throughput"): the data path alone (pinned batches
+# from the memmap, 1 to WORKERS threads), training throughput of CNN-F and
 # ResNet-50 at 224x224 (step alone, then the whole loop over a memory-mapped file with GPU
 # utilisation; bf16, float32, torch.compile; 1 process and DDP over NPROC processes under torchrun),
 # and same-seed determinism of the pipeline's training steps on CUDA.
@@ -20,6 +21,7 @@ loop="--mode loop --n-train $n --epochs $ep --workers $w --tmp $shm"
 run() { echo "== $*" | tee -a "$out/gpu_check.txt"; "$@" 2>&1 | grep -v "^W[0-9]\{4\}" | tee -a "$out/gpu_check.txt"; }
 run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+run $py $b --mode feed --backbones "${bb%%,*}" --n-train $n --workers $w --tmp $shm
 run $py $b --mode step --backbones $bb --steps 20
 run $py $b $loop --backbones $bb
 run $py $b $loop --backbones "${bb%%,*}" --no-amp

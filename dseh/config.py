@@ -96,7 +96,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the network's training step (CUDA; compile time is paid per step run)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    loader_workers: int = 2  # threads gathering batches from the memory-mapped images
+    loader_workers: int = 0  # threads gathering batches from the memory-mapped images; 0: train.loader_threads
 
 
 @dataclass(frozen=True)
@@ -359,6 +359,8 @@ def _validate(cfg: Config) -> None:
         (cfg.data.chunk_size >= 1, "data.chunk_size", "must be positive"),
         (cfg.evaluate.topk >= 1, "evaluate.topk", "must be positive"),
         (cfg.train.step_epochs >= 1, "train.step_epochs", "must be positive"),
+        (cfg.train.threads >= 0, "train.threads", "must not be negative (0: torch's default)"),
+        (cfg.train.loader_workers >= 0, "train.loader_workers", "must not be negative (0: chosen per device)"),
         (cfg.tracking.timeout_s > 0, "tracking.timeout_s", "must be positive"),
         (all(1 <= b <= 4096 for b in cfg.sweep.bits), "sweep.bits", "must hold code lengths between 1 and 4096"),
         (all(1 <= b <= 4096 for b in cfg.compare.bits), "compare.bits", "must hold code lengths between 1 and 4096"),

@@ -509,7 +509,7 @@ def image_features(data: PreparedData, backbone: torch.nn.Module | None, batch: 
     feats = []
     with torch.no_grad():
         for s in range(0, len(items), batch):
-            x = torch.from_numpy(train.gather_images(data.images, items[s : s + batch]))
+            x = train.gather_images(data.images, items[s : s + batch])
             feats.append(backbone(backbone.preprocess(x)).float().numpy())
     return np.concatenate(feats).astype(np.float64)
 

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -219,6 +220,29 @@ def _raise_if_not_finite(phase: Phase, terms: dict[str, torch.Tensor], epoch: in
     )
 
 
+def loader_threads(cfg: TrainConfig, device: torch.device) -> int:
+    """Batch-gathering threads: train.loader_workers, or for 0 two on the CPU (the step, not the
+    gather, is the bottleneck there) and on a GPU this process's share of the node's cores, 2 to 8
+    (one thread gathers about 3,900 224x224 images/s from the page cache on a 2-core Xeon)."""
+    if cfg.loader_workers > 0:
+        return cfg.loader_workers
+    if device.type != "cuda":
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+def prefetch(pool: ThreadPoolExecutor, fetch: Callable, batches: list[np.ndarray], epoch: int, depth: int):
+    """Yield fetch(batch, epoch, i) for the batches in order, with `depth` fetches in flight on `pool`;
+    a batch is dropped here once used, so memory holds depth + 1 batches, not an epoch's."""
+    pending = deque(pool.submit(fetch, b, epoch, i) for i, b in enumerate(batches[:depth]))
+    for j in range(depth, len(batches) + depth):
+        batch = pending.popleft().result()
+        if j < len(batches):
+            pending.append(pool.submit(fetch, batches[j], epoch, j))
+        yield batch
+
+
 def run_phase(
     phase: Phase, cfg: TrainConfig, checkpoint: Path | None, fingerprint: str, progress: bool = True
 ) -> list[dict]:
@@ -259,7 +283,8 @@ def run_phase(
     params = [p for p in phase.model.parameters() if p.requires_grad]
     device = params[0].device
     on_gpu = device.type == "cuda"
-    pool = ThreadPoolExecutor(max_workers=max(1, cfg.loader_workers))
+    workers = loader_threads(cfg, device)
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for epoch in range(start_epoch, phase.epochs):
             lr = phase.base_lr(epoch)
@@ -270,18 +295,14 @@ def run_phase(
             batches = rank_batches(perm, phase.batch_size, info)
             acc: dict[str, torch.Tensor] = {}  # per-term sums over the epoch, on the device
             t0 = time.perf_counter()
-            pending = [pool.submit(phase.fetch, b, epoch, i) for i, b in enumerate(batches[: cfg.loader_workers + 1])]
             bar = tqdm(
                 total=len(batches),
                 desc=f"{phase.name} r{phase.round_index} e{epoch + 1}/{phase.epochs}",
                 leave=False,
                 disable=not (progress and info.main),
             )
-            for i, idx in enumerate(batches):
-                batch = pending[i].result()
-                if i + cfg.loader_workers + 1 < len(batches):
-                    j = i + cfg.loader_workers + 1
-                    pending.append(pool.submit(phase.fetch, batches[j], epoch, j))
+            fed = prefetch(pool, phase.fetch, batches, epoch, workers + 1)
+            for i, (idx, batch) in enumerate(zip(batches, fed)):
                 terms = phase.step(net, idx, batch)
                 # a host sync: before every step on the CPU, every GPU_SYNC_EVERY steps on a GPU (so
                 # the GPU never waits for Python between steps); the epoch's sums are checked too
@@ -453,12 +474,22 @@ def place_model(model: ImgNet, device: torch.device, cfg: TrainConfig) -> ImgNet
     return model.to(memory_format=torch.channels_last) if cfg.channels_last and device.type == "cuda" else model
 
 
-def gather_images(images: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """uint8 rows of the memory-mapped array, read in ascending order then put back in `items` order."""
-    order = np.argsort(items, kind="stable")
-    out = np.empty((len(items),) + images.shape[1:], dtype=np.uint8)
-    out[order] = images[items[order]]
+def gather_images(images: np.ndarray, items: np.ndarray, pin: bool = False) -> torch.Tensor:
+    """uint8 rows `items` of the memory-mapped array as a tensor (in pinned memory with `pin`): rows
+    are read in ascending order and each is copied once, straight to its place (about 2x fancy
+    indexing at 224x224, which copies twice; slower for tiny rows, where neither is a bottleneck)."""
+    out = torch.empty((len(items),) + tuple(images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+    rows = out.numpy()
+    for pos in np.argsort(items, kind="stable"):
+        rows[pos] = images[items[pos]]
     return out
+
+
+def mirror(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) images with the rows where `flip` is set mirrored left-right. Done on the
+    training device: free on a GPU, where the host's strided flip of 3-byte pixels was the slowest
+    part of the data path (benchmarks/bench_train.py --mode feed)."""
+    return torch.where(flip[:, None, None, None], x.flip(2), x)
 
 
 # (batch item indices on the device, f^v, u, global step) -> {'loss': total, term: value}
@@ -532,18 +563,18 @@ def imgnet_phase(
         # per training item and epoch, so a rank's share of a batch is flipped as in one process
         return np.random.default_rng([seed, round_index, epoch]).random(len(train_items)) < 0.5
 
-    def fetch(idx: np.ndarray, epoch: int, b: int) -> tuple[torch.Tensor, int]:
-        x = gather_images(images, train_items[idx])
-        if cfg.flip:
-            flip = flips(epoch)[idx]
-            x[flip] = x[flip, :, ::-1]
-        t = torch.from_numpy(x)
-        return (t.pin_memory() if pin else t), step_offset + epoch * per_epoch + b
+    def fetch(idx: np.ndarray, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        flip = torch.from_numpy(flips(epoch)[idx]) if cfg.flip else None
+        if flip is not None and pin:
+            flip = flip.pin_memory()
+        return gather_images(images, train_items[idx], pin), flip, step_offset + epoch * per_epoch + b
 
-    def step(net: nn.Module, idx: np.ndarray, batch: tuple[torch.Tensor, int]) -> dict[str, torch.Tensor]:
-        x, global_step = batch
+    def step(net: nn.Module, idx: np.ndarray, batch: tuple) -> dict[str, torch.Tensor]:
+        x, flip, global_step = batch
         t = torch.from_numpy(idx).to(device)
         x = x.to(device, non_blocking=True)
+        if flip is not None:
+            x = mirror(x, flip.to(device, non_blocking=True))
         with _autocast(device, train_cfg.amp):
             f, u = net(x)
         return objective(t, f.float(), u.float(), global_step)
@@ -582,7 +613,7 @@ def encode_images(
     model.eval()
     fs, us = [], []
     for s in tqdm(range(0, len(items), batch), desc="encode", leave=False, disable=not progress):
-        x = torch.from_numpy(gather_images(images, items[s : s + batch])).to(device)
+        x = gather_images(images, items[s : s + batch]).to(device)
         f, u = model(x)
         fs.append(f.float().cpu().numpy())
         us.append(u.float().cpu().numpy())

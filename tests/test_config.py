@@ -51,6 +51,13 @@ def test_choice_checked():
         from_dict({"imgnet": {"backbone": "vit"}})
 
 
+def test_negative_thread_counts_are_refused():
+    with pytest.raises(DsehError, match="train.loader_workers.*must not be negative"):
+        from_dict({"train": {"loader_workers": -1}})
+    with pytest.raises(DsehError, match="train.threads.*must not be negative"):
+        from_dict({"train": {"threads": -2}})
+
+
 def test_overrides_use_dvc_syntax():
     cfg = from_dict({}, ["bits=64", "labnet.epochs=[5,3]", "imgnet.lr_exp=4", "data.source=list-files"])
     assert cfg.bits == 64 and cfg.labnet.epochs == (5, 3) and cfg.imgnet.lr_exp == 4.0

@@ -69,6 +69,68 @@ def test_release_lr_schedule():
     assert lr_for_epoch(3.0, 0.5, 10, 25, 1) == pytest.approx(10**-4.5)
 
 
+def test_prefetch_keeps_order_and_only_depth_batches_alive():
+    import gc
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dseh.train import prefetch
+
+    class Batch:
+        def __init__(self, idx, epoch, i):
+            self.key = (int(idx[0]), epoch, i)
+
+    alive = weakref.WeakSet()
+
+    def fetch(idx, epoch, i):
+        b = Batch(idx, epoch, i)
+        alive.add(b)
+        return b
+
+    batches = [np.array([10 * i]) for i in range(40)]
+    seen, most = [], 0
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for b in prefetch(pool, fetch, batches, 7, depth=4):
+            seen.append(b.key)
+            del b
+            gc.collect()
+            most = max(most, len(alive))
+    assert seen == [(10 * i, 7, i) for i in range(40)]
+    assert most <= 5  # the 4 batches in flight and the one in use, never the epoch's 40
+    assert [b.key for b in prefetch(ThreadPoolExecutor(1), fetch, batches[:2], 0, depth=5)] == [(0, 0, 0), (10, 0, 1)]
+
+
+def test_gather_images_reads_rows_in_order_and_mirror_flips_the_chosen_ones(tmp_path):
+    from dseh.train import gather_images, mirror
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.integers(0, 255, (50, 6, 5, 3), dtype=np.uint8))
+    images = np.load(tmp_path / "x.npy", mmap_mode="r")
+    items = rng.permutation(50)[:17]
+    flip = rng.random(17) < 0.5
+    expected = np.asarray(images)[items].copy()
+    expected[flip] = expected[flip, :, ::-1]
+    got = gather_images(images, items)
+    assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), np.asarray(images)[items])
+    assert np.array_equal(mirror(got, torch.from_numpy(flip)).numpy(), expected)
+
+
+def test_loader_threads_per_device(monkeypatch):
+    from dseh.train import loader_threads
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert loader_threads(from_dict({"train": {"loader_workers": 3}}).train, gpu) == 3
+    auto = from_dict({}).train
+    assert auto.loader_workers == 0 and loader_threads(auto, cpu) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_threads(auto, gpu) == 8  # 16 cores for one GPU process: capped at 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_threads(auto, gpu) == 4  # a quarter of the cores per GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert loader_threads(auto, gpu) == 2  # never fewer than 2
+
+
 def test_nan_loss_stops_naming_term_and_epoch_and_keeps_checkpoint(prepared, tmp_path, monkeypatch):
     real = losses.quantization_loss_j3
     calls = {"n": 0}
