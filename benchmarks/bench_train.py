@@ -9,8 +9,9 @@ Three modes:
   It prints images/s of the epochs after the first (warm-up, compile) and, on CUDA, the GPU
   utilisation sampled by nvidia-smi over those epochs. Under torchrun every rank runs it and rank 0
   prints the throughput of all ranks together.
-- `--mode feed`: the loop's data path alone, the phase's own `fetch` (memmap gather, flips, pinned
-  memory on CUDA) with 1, 2, 4, ... up to `--workers` threads and the loop's prefetch depth, no
+- `--mode feed`: the loop's data path alone, the phase's own `fetch` (memmap gather, into pinned
+  memory on CUDA; flips are left to the device) with 1, 2, 4, ... up to `--workers` threads and the
+  loop's prefetch depth, no
   model step: the images/s the loader can hand a GPU, against which a training step's rate shows
   whether loading can starve it; beside it, a plain numpy gather-then-flip in the same process. The
   file is read from the page cache (it was just written).
