@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, help="default: params bits")
     p.add_argument("--data")
     p.add_argument("--features-from", help="an ImgNet step output whose backbone gives the features (default: pixels)")
-    p.add_argument("--out", help="default: ROOT/baselines/METHOD-BITS")
+    p.add_argument("--out", help="default: ROOT/baselines/METHOD-BITS-pixels (or -backbone with --features-from)")
 
     p = sub.add_parser(
         "compare",
@@ -349,7 +349,8 @@ def _run(args: argparse.Namespace) -> int:
         stages.sweep_bits(cfg, args.data or lay.data, args.bits, args.out or lay.sweep(args.bits), progress)
     elif args.command == "baseline":
         bits = args.bits or cfg.bits
-        out = args.out or lay.root / "baselines" / f"{args.method}-{bits}"
+        features = "backbone" if args.features_from else "pixels"
+        out = args.out or lay.root / "baselines" / f"{args.method}-{bits}-{features}"
         m = stages.shallow_baseline(cfg, args.data or lay.data, args.method, bits, out, args.features_from)
         print(json.dumps(m, indent=2))
     elif args.command == "compare":

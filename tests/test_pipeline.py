@@ -249,14 +249,12 @@ def test_shallow_baselines_share_split_and_evaluator(run, method, capsys):
     out = run / "outputs"
     common = ["--params", str(run / "params.yaml"), "--root", str(out), "-q", "--method", method]
     assert main(["baseline", *common]) == 0
-    assert (
-        main(["baseline", *common, "--features-from", str(out / "imgnet/round0"), "--out", str(run / f"bl-{method}")])
-        == 0
-    )
-    pixels = json.loads((out / f"baselines/{method}-32/metrics.json").read_text())
-    learned = json.loads((run / f"bl-{method}/metrics.json").read_text())
+    assert main(["baseline", *common, "--features-from", str(out / "imgnet/round0")]) == 0
+    # each feature set keeps its own folder: the second run does not replace the first
+    pixels = json.loads((out / f"baselines/{method}-32-pixels/metrics.json").read_text())
+    learned = json.loads((out / f"baselines/{method}-32-backbone/metrics.json").read_text())
     assert pixels["features"] == "pixels" and learned["features"] == "imgnet-backbone"
     for m in (pixels, learned):
         assert 0 < m["map_all"] <= 1 and m["bits"] == 32 and "collapsed" in m
-    codes = np.load(out / f"baselines/{method}-32/codes.npy")
+    codes = np.load(out / f"baselines/{method}-32-pixels/codes.npy")
     assert codes.shape == (460, 4)
