@@ -21,6 +21,15 @@ loop="--mode loop --n-train $n --epochs $ep --workers $w --tmp $shm"
 run() { echo "== $*" | tee -a "$out/gpu_check.txt"; "$@" 2>&1 | grep -v "^W[0-9]\{4\}" | tee -a "$out/gpu_check.txt"; }
 run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+run $py -c "
+import numpy as np, torch
+from dseh.train import gather_images, mirror
+x = np.random.default_rng(0).integers(0, 255, (64, 224, 224, 3), dtype=np.uint8)
+items, flip = np.random.default_rng(1).permutation(64)[:32], np.random.default_rng(2).random(32) < 0.5
+t = gather_images(x, items, pin=True)
+g = mirror(t.to('cuda', non_blocking=True), torch.from_numpy(flip).cuda()).cpu().numpy()
+ref = x[items].copy(); ref[flip] = ref[flip, :, ::-1]
+print('pinned gather + mirror on CUDA:', t.is_pinned(), 'equal' if np.array_equal(g, ref) else 'DIFFER')"
 run $py $b --mode feed --backbones "${bb%%,*}" --n-train $n --workers $w --tmp $shm
 run $py $b --mode step --backbones $bb --steps 20
 run $py $b $loop --backbones $bb
