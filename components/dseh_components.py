@@ -157,8 +157,8 @@ def evaluate(
         from_yaml_text(config), data.path, labnet.path, imgnet.path, evaluation.path, progress=False
     )
     for key, value in values.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
+        if isinstance(value, (int, float)):  # flags (`collapsed`) as 0 / 1
+            metrics.log_metric(key, float(value))
     shutil.copyfile(Path(evaluation.path) / stages.REPORT, report.path)
 
 

@@ -99,7 +99,7 @@ class Tracker:
                 for kk, vv in v.items():
                     if isinstance(vv, (int, float)):
                         flat[f"{prefix}{k}.{kk}".replace("@", "_at_")] = float(vv)
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            elif isinstance(v, (int, float)):  # flags (evaluate's `collapsed`) as 0 / 1
                 flat[f"{prefix}{k}"] = float(v)
         mlflow.log_metrics(flat)
 

@@ -129,6 +129,7 @@ def test_whole_pipeline_runs_locally(tmp_path, monkeypatch):
     metrics = json.loads((run / "evaluate/executor_output.json").read_text())
     art = metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert art["bits"] == 16 and art["protocol_topk"] == 50 and 0 <= art["map_all"] <= 1
+    assert art["collapsed"] in (0.0, 1.0)
     html = (run / "evaluate/report").read_text()
     assert 'id="map-table"' in html
     assert (run / "train-imgnet/imgnet/model.pt").is_file() and (run / "train-imgnet/imgnet/codes.npy").is_file()

@@ -73,6 +73,7 @@ def test_one_parent_run_with_a_nested_run_per_step(tracked, mlflow_server):
     assert len(client.get_metric_history(by_step["train_imgnet"].info.run_id, "L_f")) == 6
     ev = by_step["evaluate"]
     assert ev.data.metrics["map_all"] == pytest.approx(metrics["map_all"])
+    assert ev.data.metrics["collapsed"] == 0.0  # the flag as 0 / 1
     files = {f.path for f in client.list_artifacts(ev.info.run_id, "eval")}
     assert "eval/report.html" in files and "eval/metrics.json" in files
 
