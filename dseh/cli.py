@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from dseh.errors import DsehError
+from dseh.pipeline_params import POD
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -143,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--nodes", type=int, default=1, help=">1: ImgNet runs as a Kubeflow Trainer job (needs --pvc)")
         a.add_argument("--trainer-kind", choices=["trainjob", "pytorchjob"], default="trainjob")
         a.add_argument("--namespace", default="kubeflow", help="namespace of the Trainer job")
-        a.add_argument("--cpu-limit", default="8")
-        a.add_argument("--memory-limit", default="32G")
+        a.add_argument("--cpu-limit", default=POD.cpu)
+        a.add_argument("--memory-limit", default=POD.memory)
         a.add_argument("--pvc", default="", help="PersistentVolumeClaim mounted at /data")
         a.add_argument("--enable-caching", action="store_true", help="reuse steps for the same data_version and config")
         if action == "compile":

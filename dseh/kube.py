@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dseh.errors import DsehError
+from dseh.pipeline_params import POD
 from dseh.tracking import PIPELINE_ENV
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,9 @@ class JobOptions:
     pvc_name: str = ""  # the shared volume every node mounts at `mount_path`
     mount_path: str = "/data"
     gpu_resource: str = "nvidia.com/gpu"
-    cpu: str = "8"
-    memory: str = "32Gi"
-    shm_size: str = "8Gi"
+    cpu: str = POD.cpu
+    memory: str = POD.memory
+    shm_size: str = POD.shm_size
     s3_secret: str = "dseh-s3"
     mlflow_secret: str = "dseh-mlflow"
 

@@ -9,6 +9,7 @@ from kfp import dsl, kubernetes
 
 from components import dseh_components as c
 from dseh.errors import DsehError
+from dseh.pipeline_params import POD
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -25,9 +26,9 @@ class PipelineOptions:
     trainer_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob (Training Operator v1)
     namespace: str = "kubeflow"  # where the Trainer job is created
     gpu_type: str = "nvidia.com/gpu"
-    cpu_limit: str = "8"
-    memory_limit: str = "32G"
-    shm_size: str = "8Gi"
+    cpu_limit: str = POD.cpu
+    memory_limit: str = POD.memory
+    shm_size: str = POD.shm_size
     retries: int = 2
     pvc_name: str = ""  # mount this PersistentVolumeClaim at /data in every data step (large image sets)
     enable_caching: bool = False  # data steps reuse results for the same data_version and config only

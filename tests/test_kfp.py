@@ -12,6 +12,7 @@ import yaml
 from dseh import kfp_cli
 from dseh.cli import main
 from dseh.errors import DsehError
+from dseh.pipeline_params import POD
 from tests.conftest import REPO, free_port, tiny_raw
 from tests.kfp_fake import FakeKfp
 
@@ -57,7 +58,7 @@ def test_compiled_pipeline_requests_gpus_retries_secrets_and_shm(tmp_path, monke
             assert (
                 res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "2"
             ), task
-            assert res["resourceCpuLimit"] == "8" and res["resourceMemoryLimit"] == "32G"
+            assert res["resourceCpuLimit"] == POD.cpu and res["resourceMemoryLimit"] == POD.memory == "32Gi"
             assert body["retryPolicy"]["maxRetryCount"] == 2
         assert executors[body["componentRef"]["name"].replace("comp-", "exec-")]["container"]["image"].endswith(
             "dseh:0.1.0"
@@ -71,6 +72,7 @@ def test_compiled_pipeline_requests_gpus_retries_secrets_and_shm(tmp_path, monke
     keys = {k["envVar"] for e in lab["secretAsEnv"] for k in e["keyToEnv"]}
     assert {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"} <= keys
     assert lab["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and lab["emptyDirMounts"][0]["medium"] == "Memory"
+    assert lab["emptyDirMounts"][0]["sizeLimit"] == POD.shm_size
     assert lab["pvcMount"][0]["mountPath"] == "/data"
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"bits", "data_version", "overrides", "weights", "backbone", "registered_model", "source"} <= set(params)

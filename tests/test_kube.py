@@ -14,6 +14,7 @@ import yaml
 from dseh import kube
 from dseh.cli import main
 from dseh.errors import DsehError
+from dseh.pipeline_params import POD
 from tests.conftest import LEARNING, REPO, tiny_raw
 from tests.k8s_fake import FakeKubernetes
 
@@ -44,6 +45,8 @@ def test_trainjob_manifest_runs_the_step_under_torchrun_on_every_node(monkeypatc
     assert t["image"] == "registry.example/dseh:1.0" and t["numNodes"] == 2 and t["numProcPerNode"] == 4
     assert t["command"] == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "--max-restarts=0", "-m", "dseh", *STEP]
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+    # the same pod defaults as the pipeline's steps (dseh.pipeline_params.POD)
+    assert t["resourcesPerNode"]["limits"]["memory"] == POD.memory and t["resourcesPerNode"]["limits"]["cpu"] == POD.cpu
     # credentials only as references to Secrets; no value from this environment is in the manifest
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in t["env"] if "valueFrom" in e}
     assert refs["AWS_SECRET_ACCESS_KEY"] == "dseh-s3" and refs["MLFLOW_TRACKING_URI"] == "dseh-mlflow"
@@ -52,7 +55,7 @@ def test_trainjob_manifest_runs_the_step_under_torchrun_on_every_node(monkeypatc
     assert override["targetJobs"] == [{"name": "node"}]
     vols = {v["name"]: v for v in override["spec"]["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "nus-wide"
-    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": POD.shm_size}
     (container,) = override["spec"]["containers"]
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
 
