@@ -11,43 +11,15 @@ import os
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
+from dseh import pipeline_params
+
 DEFAULT_IMAGE = "ghcr.io/your-org/dseh:0.1.0"
 IMAGE = os.environ.get("DSEH_IMAGE", DEFAULT_IMAGE)
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def resolve_config(
-    params: str,
-    overrides: str,
-    data_version: str,
-    rounds: int,
-    source: str = "",
-    image_root: str = "",
-    list_dir: str = "",
-    img_h5: str = "",
-    lab_h5: str = "",
-    bits: int = 0,
-    labnet_epochs: str = "",
-    imgnet_epochs: str = "",
-    backbone: str = "",
-    weights: str = "",
-    registered_model: str = "",
-) -> str:
-    """params.yaml text + the typed pipeline parameters (empty or 0: keep params.yaml's value) +
-    whitespace-separated key=value overrides -> the validated, resolved params as YAML text."""
-    import yaml
-
-    from dseh.config import from_yaml_text, to_dict
-
-    typed = {
-        "data.source": source, "data.image_root": image_root, "data.list_dir": list_dir, "data.img_h5": img_h5,
-        "data.lab_h5": lab_h5, "bits": bits, "labnet.epochs": labnet_epochs, "imgnet.epochs": imgnet_epochs,
-        "imgnet.backbone": backbone, "imgnet.weights": weights, "tracking.registered_model": registered_model,
-    }  # fmt: skip
-    sets = [f"{k}={v}" for k, v in typed.items() if v not in ("", 0)] + overrides.split() + [f"train.rounds={rounds}"]
-    cfg = from_yaml_text(params, sets)
-    print(f"data version {data_version}; overrides {sets}")
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+# resolve_config's typed inputs are the pipeline parameters of the table in dseh.pipeline_params, so its
+# function is generated from that table; the step calls pipeline_params.resolved_params.
+resolve_config = dsl.component(base_image=IMAGE, install_kfp_package=False)(pipeline_params.resolve_config_function())
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -13,6 +13,7 @@ import yaml
 
 from dseh.config import load_config
 from dseh.errors import DsehError
+from dseh.pipeline_params import PARAMS
 
 
 def _options(params_path: str, rounds: int | None, **kw):
@@ -47,33 +48,22 @@ def check_host(host: str, timeout_s: float) -> None:
         raise DsehError(f"Kubeflow Pipelines at {host} is unreachable ({exc})") from exc
 
 
+# the pipeline parameters `--set name=value` gives by name: all but `params` (--params, baked in at
+# compile time) and `overrides` (made of the other --set keys)
+SETTABLE = {p.name: p for p in PARAMS if p.name not in ("params", "overrides")}
+
+
 def run_arguments(sets: list[str]) -> dict:
-    """`--set` for a run: pipeline parameters by name (bits=64, data_version=v3); any other key.sub=value
-    becomes part of the `overrides` parameter, validated by the pipeline's first step."""
+    """`--set` for a run: pipeline parameters by name (bits=64, data_version=v3), as their types; any
+    other key.sub=value becomes part of the `overrides` parameter, validated by the pipeline's first step."""
     params: dict = {}
     overrides: list[str] = []
-    typed = {
-        "data_version",
-        "source",
-        "image_root",
-        "list_dir",
-        "img_h5",
-        "lab_h5",
-        "bits",
-        "labnet_epochs",
-        "imgnet_epochs",
-        "backbone",
-        "weights",
-        "registered_model",
-        "s3_secret",
-        "mlflow_secret",
-    }
     for s in sets:
         if "=" not in s:
             raise DsehError(f"--set '{s}' is not of the form key=value")
         key, value = s.split("=", 1)
-        if key in typed:
-            params[key] = int(value) if key == "bits" else value
+        if key in SETTABLE:
+            params[key] = SETTABLE[key].parse(value)
         else:
             overrides.append(s)
     if overrides:

@@ -9,7 +9,7 @@ from kfp import dsl, kubernetes
 
 from components import dseh_components as c
 from dseh.errors import DsehError
-from dseh.pipeline_params import POD
+from dseh.pipeline_params import POD, TYPED, signature
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -66,31 +66,17 @@ def build_pipeline(opts: PipelineOptions):
         task.set_env_variable("DSEH_PIPELINE_RUN", dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         return task
 
-    @dsl.pipeline(name="dseh", description="Deep Joint Semantic-Embedding Hashing: train, evaluate, promote")
-    def dseh_pipeline(
-        params: str = opts.params_text,
-        overrides: str = "",
-        data_version: str = "unversioned",
-        source: str = "",
-        image_root: str = "",
-        list_dir: str = "",
-        img_h5: str = "",
-        lab_h5: str = "",
-        bits: int = 0,
-        labnet_epochs: str = "",
-        imgnet_epochs: str = "",
-        backbone: str = "",
-        weights: str = "",
-        registered_model: str = "",
-        s3_secret: str = "dseh-s3",
-        mlflow_secret: str = "dseh-mlflow",
-    ):
+    def dseh_pipeline(*values):
+        # KFP reads the parameters from the signature set below and passes one channel per parameter, in order
+        p = dict(zip(params_signature.parameters, values))
+        data_version, s3_secret, mlflow_secret = p["data_version"], p["s3_secret"], p["mlflow_secret"]
         cfg = c.resolve_config(
-            params=params, overrides=overrides, data_version=data_version, rounds=opts.rounds, source=source,
-            image_root=image_root, list_dir=list_dir, img_h5=img_h5, lab_h5=lab_h5, bits=bits,
-            labnet_epochs=labnet_epochs, imgnet_epochs=imgnet_epochs, backbone=backbone, weights=weights,
-            registered_model=registered_model,
-        )  # fmt: skip
+            params=p["params"],
+            overrides=p["overrides"],
+            data_version=data_version,
+            rounds=opts.rounds,
+            **{t.name: p[t.name] for t in TYPED},
+        )
         cfg.set_caching_options(False).set_display_name("resolve config")
         config = cfg.output
         prep = secrets(
@@ -124,4 +110,8 @@ def build_pipeline(opts: PipelineOptions):
         table = c.map_table(config=config, data_version=data_version, data=data)
         secrets(gpu_step(table), s3_secret, mlflow_secret).set_display_name("MAP table over code lengths")
 
-    return dseh_pipeline
+    params_signature = signature(params=opts.params_text)
+    dseh_pipeline.__signature__ = params_signature
+    return dsl.pipeline(name="dseh", description="Deep Joint Semantic-Embedding Hashing: train, evaluate, promote")(
+        dseh_pipeline
+    )

@@ -11,8 +11,9 @@ import yaml
 
 from dseh import kfp_cli
 from dseh.cli import main
+from dseh.config import load_config, to_dict
 from dseh.errors import DsehError
-from dseh.pipeline_params import POD
+from dseh.pipeline_params import PARAMS, POD, TYPED
 from tests.conftest import REPO, free_port, tiny_raw
 from tests.kfp_fake import FakeKfp
 
@@ -82,6 +83,71 @@ def test_compiled_pipeline_requests_gpus_retries_secrets_and_shm(tmp_path, monke
     assert tasks["train-labnet"]["cachingOptions"] == {} or not tasks["train-labnet"]["cachingOptions"].get(
         "enableCache"
     )
+
+
+KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER"}
+# a value params.yaml accepts for each typed parameter ("[2, 4]": one value, spaces and all)
+SAMPLES = {
+    "source": "list-files",
+    "image_root": "/data/images",
+    "list_dir": "/data/lists",
+    "img_h5": "/data/img.h5",
+    "lab_h5": "/data/lab.h5",
+    "bits": 64,
+    "labnet_epochs": "[3]",
+    "imgnet_epochs": "[2, 4]",
+    "backbone": "vgg16",
+    "weights": "/data/vgg16.pth",
+    "registered_model": "nus-imgnet",
+}
+
+
+def test_pipeline_parameters_are_the_table(tmp_path, monkeypatch):
+    spec = _compile(tmp_path, monkeypatch)["spec"]
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert json.loads(root["params"].pop("defaultValue")) == yaml.safe_load((REPO / "params.yaml").read_text())
+    expected = {
+        p.name: {"parameterType": KFP_TYPES[p.type], "defaultValue": p.default, "isOptional": True} for p in PARAMS
+    }
+    del expected["params"]["defaultValue"]  # the baked params.yaml, above
+    assert root == expected
+    # resolve_config takes each typed parameter, with the same type and default, straight from the run's
+    step = spec["components"]["comp-resolve-config"]["inputDefinitions"]["parameters"]
+    assert set(step) == {"params", "overrides", "data_version", "rounds"} | {p.name for p in TYPED}
+    assert all(step[p.name] == expected[p.name] for p in TYPED)
+    wiring = spec["root"]["dag"]["tasks"]["resolve-config"]["inputs"]["parameters"]
+    assert all(wiring[p.name] == {"componentInputParameter": p.name} for p in TYPED)
+
+
+def test_set_gives_the_pipeline_parameters_as_their_types():
+    for p in PARAMS:
+        if p.name in ("params", "overrides"):  # --params gives the one; the other is made of the other keys
+            assert kfp_cli.run_arguments([f"{p.name}=7"]) == {"overrides": f"{p.name}=7"}
+        else:
+            value = kfp_cli.run_arguments([f"{p.name}=7"])[p.name]
+            assert value == p.type("7") and type(value) is p.type, p.name
+    args = kfp_cli.run_arguments(["bits=64", "labnet.beta=0.02", "image_root=/a b", "imgnet.lr_exp=4"])
+    assert args == {"bits": 64, "image_root": "/a b", "overrides": "labnet.beta=0.02 imgnet.lr_exp=4"}
+    with pytest.raises(DsehError, match="--set bits=sixty: bits takes an integer"):
+        kfp_cli.run_arguments(["bits=sixty"])
+
+
+def test_resolve_config_sets_the_params_key_of_each_typed_parameter():
+    from components.dseh_components import resolve_config
+
+    assert set(SAMPLES) == {p.name for p in TYPED}
+    run = {"params": (REPO / "params.yaml").read_text(), "overrides": "labnet.beta=0.02", "data_version": "v1"}
+    # unset (empty or 0, the defaults): params.yaml's values stay
+    kept = yaml.safe_load(resolve_config.python_func(**run, rounds=2))
+    assert kept == to_dict(load_config(REPO / "params.yaml", ["labnet.beta=0.02", "train.rounds=2"]))
+    out = yaml.safe_load(resolve_config.python_func(**run, rounds=2, **SAMPLES))
+    for p in TYPED:
+        *path, leaf = p.key.split(".")
+        section = out
+        for part in path:
+            section = section[part]
+        assert section[leaf] == yaml.safe_load(str(SAMPLES[p.name])), p.name
+    assert out["labnet"]["beta"] == 0.02 and out["train"]["rounds"] == 2
 
 
 def test_multi_node_pipeline_runs_imgnet_as_a_trainer_job(tmp_path, monkeypatch):
