@@ -1,4 +1,4 @@
-"""Retrieval speed and memory, all in one process on the same data (evaluation.md's anchors).
+"""Retrieval speed and memory, all in one process on the same data (docs/benchmarks.md).
 
 100,000 database codes x 1,000 queries at 64 bits, top-1000:
   (a) faiss IndexBinaryFlat search alone (counting select, 1 thread)

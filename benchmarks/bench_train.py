@@ -3,7 +3,7 @@
 Three modes:
 - `--mode step` (default): the real ImgNet training step (forward, both losses, backward, clipping,
   Adam) on random uint8 images already in memory, after warm-up steps.
-- `--mode loop`: the whole training loop, `train.run_phase`, over a uint8 memory-mapped .npy of
+- `--mode loop`: the whole training loop, `loop.run_phase`, over a uint8 memory-mapped .npy of
   random images on disk (the prepared data's layout): gather threads, pinned memory, non-blocking
   copies, bf16 autocast, channels_last and optionally torch.compile, as a training step runs them.
   It prints images/s of the epochs after the first (warm-up, compile) and, on CUDA, the GPU
@@ -38,10 +38,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dseh import train  # noqa: E402
+from dseh import methods  # noqa: E402
 from dseh.config import from_dict  # noqa: E402
 from dseh.models.backbones import create_backbone  # noqa: E402
 from dseh.models.nets import ImgNet  # noqa: E402
+from dseh.train import device as devices  # noqa: E402
+from dseh.train import feed, loop, phases  # noqa: E402
 from tests.matconvnet import FULL_CONVS, write_cnnf  # noqa: E402
 
 
@@ -49,16 +51,17 @@ def dseh_phase(cfg, name: str, weights: str, size: int, images: np.ndarray, epoc
     """(model, optimiser, the real ImgNet phase) under DSEH's objective with random LabNet targets
     for the len(images) training items: what both modes time."""
     torch.manual_seed(0)
-    model = train.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
-    groups, mults = train.imgnet_param_groups(model, 1e-4, 0.1)
-    opt = train.make_optimizer(groups, cfg.train)
+    model = phases.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
+    groups, mults = phases.imgnet_param_groups(model, 1e-4, 0.1)
+    opt = loop.make_optimizer(groups, cfg.train)
     rng = np.random.default_rng(0)
     n = len(images)
     labels = torch.from_numpy((rng.random((n, 21)) < 0.2).astype(np.float32)).to(device)
     B = torch.from_numpy(np.where(rng.random((n, 32)) < 0.5, 1.0, -1.0).astype(np.float32)).to(device)
     F = torch.from_numpy(rng.random((n, 512)).astype(np.float32)).to(device)
-    objective = train.dseh_objective(labels, B, F, cfg.imgnet)
-    phase = train.imgnet_phase(
+    inputs = methods.ObjectiveInputs(cfg=cfg, labels=labels, device=device, labnet_targets=(B, F))
+    objective, _ = methods.get("dseh").objective(inputs)
+    phase = phases.imgnet_phase(
         model, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, epochs, 0, device
     )
     return model, opt, phase
@@ -130,7 +133,7 @@ class GpuSampler:
             self.proc.wait()
 
 
-def memmap_images(tmp: Path, n: int, size: int, info: train.Dist) -> np.ndarray:
+def memmap_images(tmp: Path, n: int, size: int, info: devices.Dist) -> np.ndarray:
     """A uint8 (n, size, size, 3) .npy of random pixels in `tmp`, written once by rank 0, memory-mapped."""
     path = tmp / f"images-{size}.npy"
     if info.main and not path.exists():
@@ -169,10 +172,10 @@ def bench_feed(name: str, weights: str, size: int, args: argparse.Namespace, dev
     from concurrent.futures import ThreadPoolExecutor
 
     cfg = from_dict({"bits": 32, "imgnet": {"backbone": name, "weights": weights, "batch_size": args.batch}})
-    images = memmap_images(tmp, args.n_train, size, train.dist_info())
+    images = memmap_images(tmp, args.n_train, size, devices.dist_info())
     _, _, phase = dseh_phase(cfg, name, weights, size, images, 2, device)
     baseline = numpy_fetch(images, device.type == "cuda")
-    batches = train.rank_batches(np.random.default_rng(0).permutation(args.n_train), args.batch, train.Dist())
+    batches = devices.rank_batches(np.random.default_rng(0).permutation(args.n_train), args.batch, devices.Dist())
     threads = [t for t in (1, 2, 4, 8, 16, 32, 64) if t < args.workers] + [args.workers]
     rates = []
     for w in threads:
@@ -180,7 +183,7 @@ def bench_feed(name: str, weights: str, size: int, args: argparse.Namespace, dev
         with ThreadPoolExecutor(max_workers=w) as pool:
             for fetch in (phase.fetch, baseline, phase.fetch, baseline):
                 t0 = time.perf_counter()
-                for _ in train.prefetch(pool, fetch, batches, 0, w + 1):
+                for _ in feed.prefetch(pool, fetch, batches, 0, w + 1):
                     pass
                 ips = sum(len(b) for b in batches) / (time.perf_counter() - t0)
                 best[fetch] = max(best.get(fetch, 0.0), ips)
@@ -190,7 +193,7 @@ def bench_feed(name: str, weights: str, size: int, args: argparse.Namespace, dev
 
 def bench_loop(name: str, weights: str, size: int, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
     """The real training loop over a memory-mapped file; images/s after the first epoch."""
-    info = train.dist_info()
+    info = devices.dist_info()
     cfg = from_dict(
         {
             "bits": 32,
@@ -208,7 +211,7 @@ def bench_loop(name: str, weights: str, size: int, args: argparse.Namespace, dev
     _, _, phase = dseh_phase(cfg, name, weights, size, images, args.epochs, device)
     sampler = GpuSampler(device.index or 0) if device.type == "cuda" and info.main else None
     t_start = time.perf_counter()
-    history = train.run_phase(phase, cfg.train, None, "bench", progress=False)
+    history = loop.run_phase(phase, cfg.train, None, "bench", progress=False)
     t_end = time.perf_counter()
     util = None
     if sampler is not None:
@@ -221,11 +224,11 @@ def bench_loop(name: str, weights: str, size: int, args: argparse.Namespace, dev
         "images_per_s": len(steady) * n / seconds,
         "first_epoch_s": history[0]["seconds"],
         "gpu_util": util,
-        "precision": train.precision(device, cfg.train.amp),
+        "compute_dtype": devices.compute_dtype(device, cfg.train.amp),
     }
 
 
-def backbone_input(name: str, tmp: Path, info: train.Dist) -> tuple[str, int]:
+def backbone_input(name: str, tmp: Path, info: devices.Dist) -> tuple[str, int]:
     """(weights file, input size) of a backbone: CNN-F's random-weight .mat is written by rank 0."""
     if name == "small":
         return "", 32
@@ -256,8 +259,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="loop: epochs, the first one not timed")
     ap.add_argument("--tmp", help="loop: folder for the memory-mapped file (default: a temp folder)")
     args = ap.parse_args()
-    info = train.init_distributed(args.device)
-    device = train.resolve_device(args.device)
+    info = devices.init_distributed(args.device)
+    device = devices.resolve_device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     if args.mode == "feed":
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -297,14 +300,14 @@ def main() -> None:
                     )
             if info.enabled:
                 dist.barrier()
-        train.leave_distributed()
+        devices.leave_distributed()
         return
     print(f"device: {card}; torch {torch.__version__}; batch {args.batch}; {args.steps} timed steps after 2 warm-up")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbones.split(","):
             weights, size = backbone_input(name, Path(tmp), info)
             ips = bench(name, weights, size, args.batch, args.steps, device, not args.no_amp)
-            prec = train.precision(device, not args.no_amp)
+            prec = devices.compute_dtype(device, not args.no_amp)
             print(f"{name:10} {size:>3}x{size:<3} {ips:9.1f} images/s training ({prec})")
 
 

@@ -45,9 +45,9 @@ def train_labnet(
     gpus: int = 1,
 ):
     """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU."""
-    from dseh import stages
+    from dseh import kube
 
-    summary = stages.run_training_step(
+    summary = kube.run_training_step(
         "train-labnet", config, round_index, gpus, data.path, labnet.path,
         prev_labnet=prev_labnet.path if prev_labnet else None, prev_imgnet=prev_imgnet.path if prev_imgnet else None,
     )  # fmt: skip
@@ -66,9 +66,9 @@ def train_imgnet(
     gpus: int = 1,
 ):
     """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU."""
-    from dseh import stages
+    from dseh import kube
 
-    summary = stages.run_training_step(
+    summary = kube.run_training_step(
         "train-imgnet", config, round_index, gpus, data.path, imgnet.path,
         labnet=labnet.path, prev_imgnet=prev_imgnet.path if prev_imgnet else None,
     )  # fmt: skip
@@ -122,7 +122,7 @@ def evaluate(
     import shutil
     from pathlib import Path
 
-    from dseh import stages
+    from dseh import artifacts, stages
     from dseh.config import from_yaml_text
 
     values = stages.evaluate(
@@ -131,19 +131,19 @@ def evaluate(
     for key, value in values.items():
         if isinstance(value, (int, float)):  # flags (`collapsed`) as 0 / 1
             metrics.log_metric(key, float(value))
-    shutil.copyfile(Path(evaluation.path) / stages.REPORT, report.path)
+    shutil.copyfile(Path(evaluation.path) / artifacts.REPORT, report.path)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote(
     config: str, data: Input[Dataset], imgnet: Input[Model], evaluation: Input[Artifact], decision: Output[Markdown]
 ):
-    from dseh import stages
+    from dseh import artifacts, stages
     from dseh.config import from_yaml_text
 
     d = stages.promote(from_yaml_text(config), data.path, imgnet.path, evaluation.path, None)
     with open(decision.path, "w") as f:
-        f.write("| key | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in d.items()))
+        f.write(artifacts.markdown_table(["key", "value"], [[k, v] for k, v in d.items()]))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -155,13 +155,13 @@ def map_table(
     import tempfile
     from pathlib import Path
 
-    from dseh import stages
+    from dseh import experiments
     from dseh.config import from_yaml_text
 
     cfg = from_yaml_text(config)
     with tempfile.TemporaryDirectory() as tmp:
         for bits in cfg.sweep.bits:
-            stages.sweep_bits(cfg, data.path, bits, Path(tmp) / "sweep" / str(bits), progress=False)
-        stages.map_table(cfg, Path(tmp) / "sweep", Path(tmp) / "table")
+            experiments.sweep_bits(cfg, data.path, bits, Path(tmp) / "sweep" / str(bits), progress=False)
+        experiments.map_table(cfg, Path(tmp) / "sweep", Path(tmp) / "table")
         shutil.copyfile(Path(tmp) / "table" / "map_table.md", table.path)
         shutil.copyfile(Path(tmp) / "table" / "map_table.csv", table_csv.path)

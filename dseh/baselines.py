@@ -1,4 +1,4 @@
-"""Baselines for the paper's comparison (dseh.md section 4): LSH and ITQ on features, the DPSH and
+"""Baselines for the paper's comparison (docs/algorithm.md, the other methods): LSH and ITQ on features, the DPSH and
 HashNet pairwise losses as pure functions (collapse detection for any method's codes is
 dseh.codes.collapse).
 

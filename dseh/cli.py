@@ -1,5 +1,6 @@
-"""The `dseh` command line: one subcommand per pipeline step (what dvc.yaml runs), plus search and
-the generator of dvc.yaml. Every command takes `--params` and repeatable `-S/--set key=value`.
+"""The `dseh` command line: one subcommand per pipeline step (what dvc.yaml runs), the experiments,
+search and indexes, Kubeflow, and the dvc.yaml generator; one handler function per subcommand.
+Step commands take `--params` and repeatable `-S/--set key=value`.
 """
 
 from __future__ import annotations
@@ -8,31 +9,37 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from dseh.errors import DsehError
 from dseh.pipeline_params import POD
 
 
+def _set_option(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument(
+        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )  # fmt: skip
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument(
-        "-S",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a params key, e.g. -S labnet.epochs=[5,3] (repeatable)",
-    )
+    _set_option(p, "override a params key, e.g. -S labnet.epochs=[5,3] (repeatable)")
     p.add_argument("--root", default="outputs", help="root of the default output layout (default: outputs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dseh", description="Deep Joint Semantic-Embedding Hashing pipeline")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
+
+def _steps(sub) -> None:
     p = sub.add_parser("prepare", help="build the prepared dataset from data.source")
     _common(p)
     p.add_argument("--out", help="output directory (default: ROOT/data)")
@@ -45,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prev-labnet", help="LabNet output of the previous round (default from the layout)")
     p.add_argument("--prev-imgnet", help="ImgNet output of the previous round (default from the layout)")
 
-    p = sub.add_parser("train-imgnet", help="ImgNet phase of one round")
+    p = sub.add_parser("train-imgnet", help="image-network phase of one round (any method)")
     _common(p)
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--data")
@@ -55,25 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics, plots and the HTML report of the last round")
     _common(p)
-    p.add_argument(
-        "--encode", action="store_true", help="encode every item with the model instead of using its saved codes"
-    )
-    p.add_argument("--data")
-    p.add_argument("--labnet")
-    p.add_argument("--imgnet")
-    p.add_argument("--out")
+    p.add_argument("--encode", action="store_true", help="encode every item with the model, not its saved codes")
+    for name in ("--data", "--labnet", "--imgnet", "--out"):
+        p.add_argument(name)
 
-    p = sub.add_parser("promote", help="register the evaluated ImgNet model; move `champion` if it is better")
+    p = sub.add_parser("promote", help="register the evaluated model; move `champion` if it is better")
     _common(p)
-    p.add_argument("--data")
-    p.add_argument("--imgnet")
-    p.add_argument("--eval")
-    p.add_argument("--out")
-    p.add_argument("--dry-run", action="store_true", help="say what would happen; write nothing")
+    for name in ("--data", "--imgnet", "--eval", "--out"):
+        p.add_argument(name)
+    p.add_argument("--dry-run", action="store_true", help="say what would happen; write nothing anywhere")
+
+
+def _experiments(sub) -> None:
+    from dseh.methods import LINEAR_METHODS
 
     p = sub.add_parser("sweep", help="train and evaluate at one code length (the map_table stage's input)")
     _common(p)
-    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--bits", type=_positive, required=True)
     p.add_argument("--data")
     p.add_argument("--out", help="default: ROOT/sweep/BITS")
 
@@ -81,22 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", help="default: ROOT/table")
 
-    p = sub.add_parser("baseline", help="LSH or ITQ on pixels or a trained ImgNet's backbone features, same evaluator")
+    p = sub.add_parser("baseline", help="a linear hash on pixels or a trained ImgNet's backbone features")
     _common(p)
-    p.add_argument("--method", choices=["lsh", "itq"], required=True)
-    p.add_argument("--bits", type=int, help="default: params bits")
+    p.add_argument("--method", choices=LINEAR_METHODS, required=True)
+    p.add_argument("--bits", type=_positive, help="default: params bits")
     p.add_argument("--data")
     p.add_argument("--features-from", help="an ImgNet step output whose backbone gives the features (default: pixels)")
     p.add_argument("--out", help="default: ROOT/baselines/METHOD-BITS-pixels (or -backbone with --features-from)")
 
-    p = sub.add_parser(
-        "compare",
-        help="every method and ablation over code lengths and seeds: the paper's Tables 1 and 2 (params section compare)",
-    )
+    p = sub.add_parser("compare", help="every method and ablation over code lengths and seeds (Tables 1 and 2)")
     _common(p)
     p.add_argument("--data")
     p.add_argument("--out", help="default: ROOT/compare")
     p.add_argument("--runs", help="per-run result cache (default: ROOT/compare_runs); finished runs are reused")
+
+
+def _retrieval(sub) -> None:
+    from dseh.index import KINDS
 
     p = sub.add_parser("search", help="top-k database items for query image files")
     p.add_argument("images", nargs="+", help="image files")
@@ -108,25 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codes", help="packed database codes (default: MODEL/codes.npy; required with an MLflow URI)")
     p.add_argument("--data", default="outputs/data", help="the prepared dataset the model was trained on")
     p.add_argument("--weights", help="CNN-F .mat to rebuild the backbone, if it moved")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=_positive, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--index", help="search this approximate index (from `dseh index`) instead of the exact scan")
     p.add_argument("--nprobe", type=int, default=0, help="ivf cells visited per query (default: the index's)")
 
-    p = sub.add_parser(
-        "index",
-        help="build a faiss binary index (ivf | mih) over a model's database codes; report its recall@k",
-    )
+    p = sub.add_parser("index", help="build a faiss binary index over a model's database codes; report its recall@k")
     p.add_argument("--model", default="outputs/imgnet/round0", help="an ImgNet step output (its codes.npy)")
     p.add_argument("--codes", help="packed codes of every item (default: MODEL/codes.npy)")
     p.add_argument("--data", default="outputs/data", help="the prepared dataset (its database and query splits)")
-    p.add_argument("--kind", choices=["ivf", "mih"], default="ivf")
+    p.add_argument("--kind", choices=KINDS, default=KINDS[0])
     p.add_argument("--nlist", type=int, default=0, help="ivf cells (default about sqrt(database size))")
     p.add_argument("--nprobe", type=int, default=0, help="ivf cells visited per query (default nlist / 64)")
     p.add_argument("--nflip", type=int, default=0, help="mih bits flipped per substring (default 1)")
-    p.add_argument("-k", type=int, default=100, help="recall@k is measured with the query split's codes")
+    p.add_argument("-k", type=_positive, default=100, help="recall@k is measured with the query split's codes")
     p.add_argument("--out", help="index file (default: MODEL/index-KIND.faiss)")
 
+
+def _cluster(sub) -> None:
     p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, schedule, run-local")
     psub = p.add_subparsers(dest="action", required=True)
     for action, text in (
@@ -151,15 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "compile":
             a.add_argument("-o", "--output", default="dseh_pipeline.yaml")
         else:
-            a.add_argument(
-                "-S",
-                "--set",
-                dest="overrides",
-                action="append",
-                default=[],
-                metavar="KEY=VALUE",
-                help="a pipeline parameter (bits=64, data_version=v3) or any params key (labnet.beta=0.02)",
-            )
+            _set_option(a, "a pipeline parameter (bits=64, data_version=v3) or any params key (labnet.beta=0.02)")
         if action in ("submit", "schedule"):
             a.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
             a.add_argument("--experiment", default="dseh")
@@ -171,10 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--cron", required=True, help="KFP cron expression with seconds, e.g. '0 0 3 * * *'")
             a.add_argument("--name", default="dseh-scheduled")
 
-    p = sub.add_parser(
-        "job-manifest",
-        help="print the Kubeflow Trainer job (TrainJob or PyTorchJob) that runs a dseh step under torchrun",
-    )
+    p = sub.add_parser("job-manifest", help="print the Kubeflow Trainer job that runs a dseh step under torchrun")
     p.add_argument("--kind", choices=["trainjob", "pytorchjob"], default="trainjob")
     p.add_argument("--name", default="dseh-train-imgnet")
     p.add_argument("--image", required=True)
@@ -189,179 +183,220 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-o", "--output", default="dvc.yaml")
     p.add_argument("--check", action="store_true", help="fail if the file differs from what would be written")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dseh", description="Deep Joint Semantic-Embedding Hashing pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_steps, _experiments, _retrieval, _cluster):
+        add(sub)
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    from dseh import stages
+# --------------------------------------------------------------------------- handlers
+
+
+def _context(args: argparse.Namespace):
+    """(config, default layout, progress) of a step command."""
+    from dseh.artifacts import Layout
     from dseh.config import load_config
 
-    if args.command == "dvc-yaml":
-        from dseh.dvcfile import render
+    return load_config(args.params, args.overrides), Layout(Path(args.root)), not args.quiet
 
-        cfg = load_config(args.params)
-        text = render(cfg)
-        out = Path(args.output)
-        if args.check:
-            if not out.is_file() or out.read_text() != text:
-                raise DsehError(f"{out} is out of date with {args.params}: run `dseh dvc-yaml`")
-            return 0
-        out.write_text(text)
-        print(f"wrote {out} ({cfg.train.rounds} rounds)")
-        return 0
-    if args.command == "index":
-        import numpy as np
 
-        from dseh import index as ix
-        from dseh.data import PreparedData
-        from dseh.search import item_codes
+def _existing_dir(path: str | Path | None, what: str) -> Path | None:
+    """A folder argument: a file there is refused by name (a missing one is the step's own error)."""
+    if path is not None and Path(path).is_file():
+        raise DsehError(f"{what} {path} is a file; give the step output folder")
+    return None if path is None else Path(path)
 
-        data = PreparedData(args.data)
-        codes = item_codes(Path(args.codes or Path(args.model) / stages.CODES), data, args.data)
-        out = Path(args.out or Path(args.model) / f"index-{args.kind}.faiss")
-        db = codes[np.asarray(data.database)]
-        index, report = ix.build_and_measure(
-            db, np.asarray(codes[np.asarray(data.query)]), args.k, args.kind, args.nlist, args.nprobe, args.nflip
+
+def _prepare(args) -> None:
+    from dseh import stages
+
+    cfg, lay, progress = _context(args)
+    stages.prepare(cfg, args.out or lay.data, progress)
+
+
+def _train_labnet(args) -> None:
+    from dseh import stages
+
+    cfg, lay, progress = _context(args)
+    r = args.round
+    prev_l = args.prev_labnet or (lay.labnet(r - 1) if r > 0 else None)
+    prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
+    stages.train_labnet(cfg, args.data or lay.data, r, args.out or lay.labnet(r), prev_l, prev_i, progress)
+
+
+def _train_imgnet(args) -> None:
+    from dseh import stages
+
+    cfg, lay, progress = _context(args)
+    r = args.round
+    prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
+    labnet = args.labnet or lay.labnet(r)
+    stages.train_imgnet(cfg, args.data or lay.data, r, labnet, args.out or lay.imgnet(r), prev_i, progress)
+
+
+def _evaluate(args) -> None:
+    from dseh import stages
+
+    cfg, lay, progress = _context(args)
+    last = cfg.train.rounds - 1
+    labnet = _existing_dir(args.labnet or lay.labnet(last), "--labnet")
+    imgnet = _existing_dir(args.imgnet or lay.imgnet(last), "--imgnet")
+    metrics = stages.evaluate(cfg, args.data or lay.data, labnet, imgnet, args.out or lay.eval, progress, args.encode)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+
+
+def _promote(args) -> None:
+    from dseh import stages
+
+    cfg, lay, _ = _context(args)
+    imgnet = _existing_dir(args.imgnet or lay.imgnet(cfg.train.rounds - 1), "--imgnet")
+    out = None if args.dry_run else (args.out or lay.promote)
+    decision = stages.promote(cfg, args.data or lay.data, imgnet, args.eval or lay.eval, out, args.dry_run)
+    print(json.dumps(decision, indent=2))
+
+
+def _sweep(args) -> None:
+    from dseh import experiments
+
+    cfg, lay, progress = _context(args)
+    experiments.sweep_bits(cfg, args.data or lay.data, args.bits, args.out or lay.sweep(args.bits), progress)
+
+
+def _map_table(args) -> None:
+    from dseh import artifacts, experiments
+
+    cfg, lay, _ = _context(args)
+    out = Path(args.out or lay.table)
+    experiments.map_table(cfg, lay.root / "sweep", out)
+    print((out / f"{artifacts.MAP_TABLE}.md").read_text())
+
+
+def _baseline(args) -> None:
+    from dseh import experiments
+
+    cfg, lay, _ = _context(args)
+    bits = args.bits or cfg.bits
+    out = args.out or lay.root / "baselines" / f"{args.method}-{bits}-{'backbone' if args.features_from else 'pixels'}"
+    m = experiments.shallow_baseline(cfg, args.data or lay.data, args.method, bits, out, args.features_from)
+    print(json.dumps(m, indent=2))
+
+
+def _compare(args) -> None:
+    from dseh.compare import compare
+
+    cfg, lay, _ = _context(args)
+    compare(cfg, args.data or lay.data, args.out or lay.root / "compare", args.runs)
+
+
+def _search(args) -> None:
+    from dseh.search import search
+
+    model = args.model if args.model.startswith(("models:/", "runs:/")) else _existing_dir(args.model, "--model")
+    results = search(str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for res in results:
+        print(f"{res['image']}:")
+        print(f"  {'rank':>4} {'index':>7} {'dist':>4}  labels  path")
+        for r in res["results"]:
+            labels = ",".join(r["labels"]) or "-"
+            print(f"  {r['rank']:>4} {r['index']:>7} {r['distance']:>4}  {labels}  {r['path'] or ''}")
+
+
+def _index(args) -> None:
+    import numpy as np
+
+    from dseh import index as ix
+    from dseh.artifacts import CODES, MODEL, load_step_model
+    from dseh.data import PreparedData
+    from dseh.search import item_codes
+
+    data = PreparedData(args.data)
+    codes = item_codes(Path(args.codes or Path(args.model) / CODES), data, args.data)
+    out = Path(args.out or Path(args.model) / f"index-{args.kind}.faiss")
+    db, q = codes[np.asarray(data.database)], np.asarray(codes[np.asarray(data.query)])
+    model = Path(args.model) / MODEL
+    bits = load_step_model(args.model, ("imgnet", "linear-hash")).bits if model.is_file() else None
+    index, report = ix.build_and_measure(db, q, args.k, args.kind, args.nlist, args.nprobe, args.nflip, bits=bits)
+    ix.save_index(index, out, report)
+    print(json.dumps({"index": str(out), **report}, indent=2))
+
+
+def _pipeline(args) -> None:
+    from dseh import kfp_cli
+
+    kw = {
+        "rounds": args.rounds, "gpus": args.gpus, "nodes": args.nodes, "trainer_kind": args.trainer_kind,
+        "namespace": args.namespace, "cpu_limit": args.cpu_limit, "memory_limit": args.memory_limit,
+        "pvc_name": args.pvc, "enable_caching": args.enable_caching,
+    }  # fmt: skip
+    if args.action == "compile":
+        print(f"wrote {kfp_cli.compile_pipeline(args.params, args.output, **kw)}")
+        return
+    if args.action == "submit":
+        out = kfp_cli.submit(
+            args.host, args.params, args.experiment, args.overrides, args.wait, args.timeout, args.run_name, **kw
         )
-        ix.save_index(index, out, report)
-        print(json.dumps({"index": str(out), **report}, indent=2))
-        return 0
-    if args.command == "job-manifest":
-        import yaml
-
-        from dseh import kube
-
-        step = args.step[1:] if args.step[:1] == ["--"] else args.step
-        if not step:
-            raise DsehError("give the dseh step to run after --, e.g. -- train-imgnet --params /data/params.yaml")
-        opts = kube.JobOptions(
-            name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus, kind=args.kind,
-            namespace=args.namespace, pvc_name=args.pvc, mount_path=args.mount,
-        )  # fmt: skip
-        print(yaml.safe_dump(kube.job_manifest(opts, step), sort_keys=False), end="")
-        return 0
-    if args.command == "pipeline":
-        from dseh import kfp_cli
-
-        kw = {
-            "rounds": args.rounds,
-            "gpus": args.gpus,
-            "nodes": args.nodes,
-            "trainer_kind": args.trainer_kind,
-            "namespace": args.namespace,
-            "cpu_limit": args.cpu_limit,
-            "memory_limit": args.memory_limit,
-            "pvc_name": args.pvc,
-            "enable_caching": args.enable_caching,
-        }
-        if args.action == "compile":
-            print(f"wrote {kfp_cli.compile_pipeline(args.params, args.output, **kw)}")
-        elif args.action == "submit":
-            print(
-                json.dumps(
-                    kfp_cli.submit(
-                        args.host,
-                        args.params,
-                        args.experiment,
-                        args.overrides,
-                        args.wait,
-                        args.timeout,
-                        args.run_name,
-                        **kw,
-                    ),
-                    indent=2,
-                )
-            )
-        elif args.action == "schedule":
-            print(
-                json.dumps(
-                    kfp_cli.schedule(
-                        args.host,
-                        args.params,
-                        args.experiment,
-                        args.cron,
-                        args.overrides,
-                        args.timeout,
-                        args.name,
-                        **kw,
-                    ),
-                    indent=2,
-                )
-            )
-        else:
-            print(json.dumps(kfp_cli.run_local(args.params, args.overrides, **kw), indent=2))
-        return 0
-    if args.command == "search":
-        from dseh.search import search
-
-        results = search(args.model, args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe)
-        if args.json:
-            print(json.dumps(results, indent=2))
-        else:
-            for res in results:
-                print(f"{res['image']}:")
-                print(f"  {'rank':>4} {'index':>7} {'dist':>4}  labels  path")
-                for r in res["results"]:
-                    print(
-                        f"  {r['rank']:>4} {r['index']:>7} {r['distance']:>4}  {','.join(r['labels']) or '-'}  {r['path'] or ''}"
-                    )
-        return 0
-
-    cfg = load_config(args.params, args.overrides)
-    lay = stages.Layout(Path(args.root))
-    progress = not args.quiet
-    if args.command == "prepare":
-        stages.prepare(cfg, args.out or lay.data, progress)
-    elif args.command == "train-labnet":
-        r = args.round
-        prev_l = args.prev_labnet or (lay.labnet(r - 1) if r > 0 else None)
-        prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
-        stages.train_labnet(cfg, args.data or lay.data, r, args.out or lay.labnet(r), prev_l, prev_i, progress)
-    elif args.command == "train-imgnet":
-        r = args.round
-        prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
-        stages.train_imgnet(
-            cfg, args.data or lay.data, r, args.labnet or lay.labnet(r), args.out or lay.imgnet(r), prev_i, progress
+    elif args.action == "schedule":
+        out = kfp_cli.schedule(
+            args.host, args.params, args.experiment, args.cron, args.overrides, args.timeout, args.name, **kw
         )
-    elif args.command == "evaluate":
-        last = cfg.train.rounds - 1
-        metrics = stages.evaluate(
-            cfg,
-            args.data or lay.data,
-            args.labnet or lay.labnet(last),
-            args.imgnet or lay.imgnet(last),
-            args.out or lay.eval,
-            progress,
-            args.encode,
-        )
-        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
-    elif args.command == "promote":
-        last = cfg.train.rounds - 1
-        decision = stages.promote(
-            cfg,
-            args.data or lay.data,
-            args.imgnet or lay.imgnet(last),
-            args.eval or lay.eval,
-            None if args.dry_run else (args.out or lay.promote),
-            args.dry_run,
-        )
-        print(json.dumps(decision, indent=2))
-    elif args.command == "sweep":
-        stages.sweep_bits(cfg, args.data or lay.data, args.bits, args.out or lay.sweep(args.bits), progress)
-    elif args.command == "baseline":
-        bits = args.bits or cfg.bits
-        features = "backbone" if args.features_from else "pixels"
-        out = args.out or lay.root / "baselines" / f"{args.method}-{bits}-{features}"
-        m = stages.shallow_baseline(cfg, args.data or lay.data, args.method, bits, out, args.features_from)
-        print(json.dumps(m, indent=2))
-    elif args.command == "compare":
-        from dseh.compare import compare
+    else:
+        out = kfp_cli.run_local(args.params, args.overrides, **kw)
+    print(json.dumps(out, indent=2))
 
-        compare(cfg, args.data or lay.data, args.out or lay.root / "compare", args.runs)
-    elif args.command == "map-table":
-        stages.map_table(cfg, lay.root / "sweep", args.out or lay.table)
-        print((Path(args.out or lay.table) / "map_table.md").read_text())
-    return 0
+
+def _job_manifest(args) -> None:
+    import yaml
+
+    from dseh import kube
+
+    step = args.step[1:] if args.step[:1] == ["--"] else args.step
+    if not step:
+        raise DsehError("give the dseh step to run after --, e.g. -- train-imgnet --params /data/params.yaml")
+    opts = kube.JobOptions(
+        name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus, kind=args.kind,
+        namespace=args.namespace, pvc_name=args.pvc, mount_path=args.mount,
+    )  # fmt: skip
+    print(yaml.safe_dump(kube.job_manifest(opts, step), sort_keys=False), end="")
+
+
+def _dvc_yaml(args) -> None:
+    from dseh.config import load_config
+    from dseh.dvcfile import render
+
+    cfg = load_config(args.params)
+    text = render(cfg)
+    out = Path(args.output)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            raise DsehError(f"{out} is out of date with {args.params}: run `dseh dvc-yaml`")
+        return
+    out.write_text(text)
+    print(f"wrote {out} ({cfg.train.rounds} rounds)")
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "prepare": _prepare,
+    "train-labnet": _train_labnet,
+    "train-imgnet": _train_imgnet,
+    "evaluate": _evaluate,
+    "promote": _promote,
+    "sweep": _sweep,
+    "map-table": _map_table,
+    "baseline": _baseline,
+    "compare": _compare,
+    "search": _search,
+    "index": _index,
+    "pipeline": _pipeline,
+    "job-manifest": _job_manifest,
+    "dvc-yaml": _dvc_yaml,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("faiss", "faiss.loader", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return _run(args)
+        HANDLERS[args.command](args)
+        return 0
     except DsehError as exc:
         print(f"dseh: error: {exc}", file=sys.stderr)
         return 2
@@ -383,5 +419,5 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Under torchrun, leave the data-parallel group the training step joined."""
-    if "dseh.train" in sys.modules:
-        sys.modules["dseh.train"].leave_distributed()
+    if "dseh.train.device" in sys.modules:
+        sys.modules["dseh.train.device"].leave_distributed()

@@ -11,6 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def packed_width(bits: int) -> int:
+    """Bytes per packed code of `bits` bits."""
+    return -(-bits // 8)
+
+
 def sign(x: np.ndarray) -> np.ndarray:
     """+-1 codes as int8, with sign(0) = +1, so a code never holds 0."""
     return np.where(np.asarray(x) >= 0, 1, -1).astype(np.int8)

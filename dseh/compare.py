@@ -21,23 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
-from dseh import __version__, stages, tracking, train
-from dseh.config import (
-    DEEP_METHODS,
-    Config,
-    ablation_overrides,
-    dump_config,
-    epochs_for_round,
-    from_dict,
-    to_dict,
-    trials,
-)
+from dseh import __version__, artifacts, evaluation, experiments, tracking
+from dseh.artifacts import Layout, markdown_table, write_dict_rows
+from dseh.config import Config, dump_config, epochs_for_round, from_dict, to_dict, trials
 from dseh.data import PreparedData
+from dseh.errors import DsehError
+from dseh.methods import DEEP_METHODS, METHODS
 from dseh.storage import atomic_dir, atomic_file
+from dseh.train.device import compute_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
-LABELS = {"dseh": "DSEH", "dpsh": "DPSH", "hashnet": "HashNet", "itq": "ITQ", "lsh": "LSH"}
+LABELS = {name: m.label for name, m in METHODS.items()}
+# the paper's Table 2 ablations as named presets: params overrides applied to DSEH
+ABLATIONS = {
+    "dseh-s": ("imgnet.gamma_if=0",),  # no semantic supervision of ImgNet
+    "dseh-ss": ("labnet.gamma_pf=0", "imgnet.gamma_if=0"),  # no semantic terms in either net
+    "dseh-l": ("labnet.gamma_hl=0",),  # no label loss J4
+    "dseh-a": ("train.rounds=1",),  # one round, no alternation
+    "dseh-r2": (),  # two rounds with the same total epochs (see ablation_overrides)
+}
 ABLATION_LABELS = {
     "dseh-s": "DSEH-S (gamma_if = 0)",
     "dseh-ss": "DSEH-SS (gamma_pf = gamma_if = 0)",
@@ -45,6 +48,8 @@ ABLATION_LABELS = {
     "dseh-a": "DSEH-A (1 round)",
     "dseh-r2": "DSEH, 2 rounds (same ImgNet epochs)",
 }
+# comparison/dvc.yaml's params: whole sections, since trials and ablations may override any key of them
+PARAMS = ["seed", "labnet", "imgnet", "train", "baseline", "evaluate", "compare"]
 # every run inside the comparison: no per-step tracking, one torch thread (so results do not depend on compare.jobs)
 RUN_OVERRIDES = ("tracking.enabled=false", "train.threads=1", "train.loader_workers=1")
 
@@ -82,13 +87,29 @@ def validation_split(data: PreparedData, fraction: float, seed: int) -> Prepared
     return data.with_splits(f"validation-{fraction}-{seed}", rest, np.sort(train[:n_val]), rest)
 
 
+def ablation_overrides(cfg: Config, name: str) -> tuple[str, ...]:
+    """The overrides of an ablation preset on top of `cfg`. dseh-r2, the alternation counterpart for
+    params that train one round, splits the same total ImgNet epochs over two rounds (LabNet's
+    second round gets half its first round's epochs, as in the release's decreasing schedule)."""
+    if name != "dseh-r2":
+        return ABLATIONS[name]
+    total = sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds))
+    lab0 = epochs_for_round(cfg.labnet.epochs, 0)
+    return (
+        "train.rounds=2",
+        f"imgnet.epochs=[{-(-total // 2)},{total // 2}]",
+        f"labnet.epochs=[{lab0},{max(1, -(-lab0 // 2))}]",
+    )
+
+
 def _fingerprint(cfg: Config, spec: RunSpec, data: PreparedData) -> str:
     # the package version, not the commit: a documentation commit must not throw away an hour of runs;
-    # the compare section is left out, so adding seeds or lengths reuses the runs already done
-    # the compute precision counts too: bf16 autocast depends on the machine (train.precision)
+    # the compare section is left out, so adding seeds or lengths reuses the runs already done;
+    # the compute dtype counts too: bf16 autocast depends on the machine; "/2": results name their
+    # metrics by evaluation.headline_keys
     run_cfg = {k: v for k, v in to_dict(cfg).items() if k != "compare"}
-    prec = train.precision(train.resolve_device(cfg.train.device), cfg.train.amp)
-    return stages._fingerprint("compare-run", run_cfg, asdict(spec), data.sha256, __version__, prec)
+    dtype = compute_dtype(resolve_device(cfg.train.device), cfg.train.amp)
+    return artifacts.fingerprint("compare-run/2", run_cfg, asdict(spec), data.sha256, __version__, dtype)
 
 
 def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_fraction: float) -> dict:
@@ -107,26 +128,22 @@ def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_frac
             return cached
     work = run_dir / "work"
     shutil.rmtree(work, ignore_errors=True)
-    lay = stages.Layout(work)
+    lay = Layout(work)
     t0 = time.perf_counter()
-    lab_summary = stages.train_rounds(cfg, data, lay, progress=False, labnet_cache=Path(runs_root) / "labnet")
+    lab_summary = experiments.train_rounds(cfg, data, lay, progress=False, labnet_cache=Path(runs_root) / "labnet")
     # a LabNet shared with an earlier run (same LabNet inputs) counts its training time here too
     seconds = time.perf_counter() - t0 + (lab_summary.get("seconds", 0.0) if lab_summary.get("reused") else 0.0)
-    codes = np.load(lay.imgnet(cfg.train.rounds - 1) / stages.CODES)
-    rep = stages._query_database_report(cfg.evaluate, data, codes[data.query], codes[data.database], cfg.bits)
-    state = stages.database_collapse(cfg, data, codes, cfg.bits)
+    codes = np.load(lay.imgnet(cfg.train.rounds - 1) / artifacts.CODES)
+    rep = evaluation.split_report(cfg.evaluate, data, codes, cfg.bits)
+    state = evaluation.split_collapse(cfg.evaluate, data, codes, cfg.bits)
     epochs = (
-        sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds))
-        if cfg.method in DEEP_METHODS
-        else 0
+        sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds)) if METHODS[cfg.method].deep else 0
     )
     result = {
         **asdict(spec),
         "key": spec.key,
-        "map_all": rep.map_all,
-        "map_topk": rep.map_topk,
+        **evaluation.headline_metrics(rep),
         "topk": rep.topk,
-        "map_tie_aware": rep.map_tie_aware,
         "train_seconds": round(seconds, 2),
         "imgnet_epochs": epochs,
         "labnet_distinct_codes": lab_summary.get("distinct_codes"),
@@ -174,7 +191,11 @@ def _run_all(base: Config, specs: list[RunSpec], data_dir: str, runs_root: str) 
 
 
 def _check_overrides(base: Config) -> None:
-    """Every trial and ablation must resolve to a valid config before the first run starts."""
+    """Every ablation is a known preset, and every trial and ablation resolves to a valid config,
+    before the first run starts."""
+    for a in base.compare.ablations:
+        if a not in ABLATIONS:
+            raise DsehError(f"params key 'compare.ablations': {a!r} is not one of {', '.join(ABLATIONS)}")
     for m in DEEP_METHODS:
         for t in trials(base, m):
             RunSpec("tune", m, m, base.bits, base.seed, tuple(t)).config(base)
@@ -258,11 +279,6 @@ def _fmt(cell: dict) -> str:
     return text + (f" ({cell['collapsed']}/{cell['runs']} collapsed)" if cell["collapsed"] else "")
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
 def build_tables(base: Config, results: list[dict]) -> dict:
     """Table 1 (method x bits) and Table 2 (ablations at compare.ablation_bits): mean and std over
     seeds of the runs that did not collapse; collapsed runs are counted in the cell, never averaged."""
@@ -271,7 +287,8 @@ def build_tables(base: Config, results: list[dict]) -> dict:
     t1 = [r for r in results if r["group"] in ("table1", "equal_time")]
     labels = list(dict.fromkeys(r["label"] for r in t1))
     long_rows, md = [], []
-    for metric, title in (("map_all", "mAP@ALL"), ("map_topk", f"mAP@{topk}")):
+    k_key = evaluation.headline_keys(topk)[1]  # map_at_<topk>
+    for metric, title in (("map_all", "mAP@ALL"), (k_key, f"mAP@{topk}")):
         rows = []
         for label in labels:
             cells = []
@@ -295,7 +312,7 @@ def build_tables(base: Config, results: list[dict]) -> dict:
                     )
             rows.append([label, *cells])
         md.append(f"**Table 1, {title}** (mean ± std over seeds {list(c.seeds)})\n\n")
-        md.append(_markdown(["method", *[f"{b} bits" for b in c.bits]], rows) + "\n")
+        md.append(markdown_table(["method", *[f"{b} bits" for b in c.bits]], rows) + "\n")
     budget = []
     for label in labels:
         runs = [r for r in t1 if r["label"] == label]
@@ -310,7 +327,7 @@ def build_tables(base: Config, results: list[dict]) -> dict:
         f"**Training budget** (image-network epochs; bits: mean training seconds per run, one thread, "
         f"{c.jobs} run(s) at a time)\n\n"
     )
-    md.append(_markdown(["method", "epochs", "seconds"], budget) + "\n")
+    md.append(markdown_table(["method", "epochs", "seconds"], budget) + "\n")
     # Table 2
     t2 = [r for r in results if r["group"] == "table2" or (r["group"] == "table1" and r["label"] == "DSEH")]
     t2 = [r for r in t2 if r["bits"] == c.ablation_bits]
@@ -323,7 +340,7 @@ def build_tables(base: Config, results: list[dict]) -> dict:
             runs = [r for r in t2 if r["label"] == "DSEH"]
         if not runs:
             continue
-        cells = {m: _cell(runs, m) for m in ("map_all", "map_topk")}
+        cells = {m: _cell(runs, m) for m in ("map_all", k_key)}
         lab = [r["labnet_distinct_codes"] for r in runs if r["labnet_distinct_codes"] is not None]
         distinct = f"{np.mean(lab):.1f}" if lab else ""
         for m, cell in cells.items():
@@ -334,24 +351,27 @@ def build_tables(base: Config, results: list[dict]) -> dict:
             [
                 label + (" = DSEH (params already say so)" if same else ""),
                 _fmt(cells["map_all"]),
-                _fmt(cells["map_topk"]),
+                _fmt(cells[k_key]),
                 distinct,
                 str(runs[0]["distinct_label_sets"]),
             ]
         )
     md.append(f"**Table 2, ablations at {c.ablation_bits} bits** (mean ± std over seeds {list(c.seeds)})\n\n")
     md.append(
-        _markdown(["variant", "mAP@ALL", f"mAP@{topk}", "distinct LabNet codes", "distinct label sets (train)"], rows2)
+        markdown_table(
+            ["variant", "mAP@ALL", f"mAP@{topk}", "distinct LabNet codes", "distinct label sets (train)"], rows2
+        )
     )
     return {"long": long_rows, "markdown": "".join(md), "topk": topk}
 
 
 def _figure(base: Config, long_rows: list[dict], path: Path) -> None:
-    from dseh.report import _plt
+    from dseh.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("map_all", "map_topk")):
+    metrics = list(dict.fromkeys(r["metric"] for r in long_rows if r["table"] == 1))  # map_all, map_at_<k>
+    for ax, metric in zip(axes, metrics):
         rows = [r for r in long_rows if r["table"] == 1 and r["metric"] == metric]
         for label in dict.fromkeys(r["row"] for r in rows):
             pts = [r for r in rows if r["row"] == label and not math.isnan(r["mean"])]
@@ -366,7 +386,7 @@ def _figure(base: Config, long_rows: list[dict], path: Path) -> None:
                 )
         ax.set(
             xlabel="bits",
-            ylabel=metric.replace("map_topk", "mAP@K").replace("map_all", "mAP@ALL"),
+            ylabel=metric.replace("map_at_", "mAP@").replace("map_all", "mAP@ALL"),
             xticks=list(base.compare.bits),
         )
         ax.grid(alpha=0.3)
@@ -379,17 +399,6 @@ def _figure(base: Config, long_rows: list[dict], path: Path) -> None:
 
 def _metric_name(row: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", row).strip("_")
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    stages._write_csv(
-        path,
-        keys,
-        [[json.dumps(r[k]) if isinstance(r.get(k), (list, tuple)) else r.get(k, "") for k in keys] for r in rows],
-    )
 
 
 def compare(cfg: Config, data_dir: str | Path, out_dir: str | Path, runs_root: str | Path | None = None) -> dict:
@@ -413,12 +422,12 @@ def compare(cfg: Config, data_dir: str | Path, out_dir: str | Path, runs_root: s
     }
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        _write_csv(tmp / "tables.csv", tables["long"])
-        _write_csv(tmp / "runs.csv", tune + results)
+        write_dict_rows(tmp / "tables.csv", tables["long"])
+        write_dict_rows(tmp / "runs.csv", tune + results)
         (tmp / "tables.md").write_text(tables["markdown"])
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         _figure(cfg, tables["long"], tmp / "table1.png")
-        dump_config(cfg, tmp / stages.CONFIG)
+        dump_config(cfg, tmp / artifacts.CONFIG)
     with tracking.step_run(cfg, "compare", data.sha256) as tr:
         if tr is not None:
             tr.log_metrics(

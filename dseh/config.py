@@ -1,12 +1,15 @@
 """Typed configuration: params.yaml -> frozen dataclasses, with `key.sub=value` overrides.
 
-Unknown keys and wrong types fail loudly, naming the key; the resolved config is what every
-stage writes beside its outputs and into every checkpoint.
+Unknown keys, wrong types, non-finite numbers and out-of-range values fail loudly, naming the key;
+the dataclass defaults are params.yaml's (a test holds them equal); choice lists come from the
+registries (methods, backbones, data sources). The resolved config is what every stage writes
+beside its outputs and into every model file. Every parameter is described in docs/algorithm.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +17,11 @@ from typing import Any
 
 import yaml
 
+from dseh.data import SOURCES
 from dseh.errors import DsehError
+from dseh.methods import DEEP_METHODS, METHODS
+from dseh.models.backbones import BACKBONES
+from dseh.reads import paused
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LabNetConfig:
-    """LabNet (dseh.md section 1, 2, 3); release values by default, paper variants as options."""
+    """LabNet (docs/algorithm.md); release values by default, paper variants as options."""
 
     hidden: int = 2048  # paper 4096
     lrn: bool = True  # paper: off
@@ -61,13 +68,13 @@ class LabNetConfig:
 
 @dataclass(frozen=True)
 class ImgNetConfig:
-    """ImgNet (dseh.md section 1, 2, 3)."""
+    """ImgNet (docs/algorithm.md)."""
 
     backbone: str = "small"  # small | cnnf | alexnet | vgg16 | resnet50
     weights: str = ""  # local path to pretrained weights (.mat for cnnf, .pth otherwise)
     batch_size: int = 128
     epochs: tuple[int, ...] = (10,)  # per round; the last value repeats
-    lr_exp: float = 4.0  # NUS-WIDE 4.0, COCO 3.5, ImageNet 4.5
+    lr_exp: float = 3.5  # NUS-WIDE 4.0, COCO 3.5, ImageNet 4.5
     backbone_lr_mult: float = 0.1  # applied to pretrained backbone layers only
     gamma_if: float = 1.0  # L_f semantic supervision
     eta: float = 1.0  # L_h code supervision
@@ -92,7 +99,7 @@ class TrainConfig:
     step_exp: float = 0.5
     clip_value: float = 1.0  # gradients clipped by value to [-clip, clip]; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # ImgNet in bf16 autocast where the device computes bf16 natively (train.precision)
+    amp: bool = True  # ImgNet in bf16 autocast where the device computes bf16 natively (train.device.compute_dtype)
     channels_last: bool = True
     compile: bool = False  # torch.compile the network's training step (CUDA; compile time is paid per step run)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
@@ -101,13 +108,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Retrieval evaluation (evaluation.md)."""
+    """Retrieval evaluation (docs/evaluation.md)."""
 
     topk: int = 1000  # the protocol's mAP@K: NUS-WIDE/COCO 5000, ImageNet 1000
     precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
     radius: int = 2  # hash-lookup precision within this Hamming radius (d <= radius)
     heatmap_items: int = 100
     query_chunk: int = 256
+    collapse_min_distinct: int = 16  # fewer distinct database codes (capped at its label sets), or all bits constant
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,6 @@ class BaselineConfig:
     hashnet_gamma: float = 0.005
     hashnet_power: float = 0.5
     features: str = "auto"  # itq / lsh input: auto (backbone if pretrained weights, else pixels) | pixels | backbone
-    collapse_min_distinct: int = 16  # fewer distinct database codes (capped at its label sets), or all bits constant
 
 
 @dataclass(frozen=True)
@@ -156,17 +163,13 @@ class CompareConfig:
     methods: tuple[str, ...] = ("dseh", "dpsh", "hashnet", "itq", "lsh")
     bits: tuple[int, ...] = (16, 32, 48, 64)
     seeds: tuple[int, ...] = (0, 1, 2)
-    ablations: tuple[str, ...] = ("dseh-s", "dseh-ss", "dseh-l", "dseh-a", "dseh-r2")  # presets equal to DSEH reuse it
+    ablations: tuple[str, ...] = ("dseh-s", "dseh-ss", "dseh-l", "dseh-a", "dseh-r2")  # dseh.compare.ABLATIONS
     ablation_bits: int = 32
     equal_time_bits: tuple[int, ...] = (32,)  # deep baselines rerun with DSEH's wall time at these lengths
     val_fraction: float = 0.2  # validation queries carved from the training set for tuning
     tune_bits: int = 32
     # one string per trial, space-separated key=value overrides; every deep method gets as many trials
-    trials_dseh: tuple[str, ...] = (
-        "imgnet.lr_exp=3.5",
-        "imgnet.lr_exp=4.0",
-        "imgnet.lr_exp=3.5 imgnet.gamma_if=0.5",
-    )
+    trials_dseh: tuple[str, ...] = ("imgnet.lr_exp=3.5", "imgnet.lr_exp=4.0", "imgnet.lr_exp=3.5 imgnet.gamma_if=0.5")
     trials_dpsh: tuple[str, ...] = (
         "imgnet.lr_exp=3.5 baseline.dpsh_eta=0.1",
         "imgnet.lr_exp=4.0 baseline.dpsh_eta=0.1",
@@ -199,24 +202,13 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
-METHODS = ("dseh", "dpsh", "hashnet", "itq", "lsh")
-DEEP_METHODS = ("dseh", "dpsh", "hashnet")
-# the paper's Table 2 ablations as named presets: params overrides applied to DSEH
-ABLATIONS = {
-    "dseh-s": ("imgnet.gamma_if=0",),  # no semantic supervision of ImgNet
-    "dseh-ss": ("labnet.gamma_pf=0", "imgnet.gamma_if=0"),  # no semantic terms in either net
-    "dseh-l": ("labnet.gamma_hl=0",),  # no label loss J4
-    "dseh-a": ("train.rounds=1",),  # one round, no alternation
-    "dseh-r2": (),  # two rounds with the same total epochs (see ablation_overrides)
-}
-
 _CHOICES = {
-    "method": METHODS,
+    "method": tuple(METHODS),
     "baseline.features": ("auto", "pixels", "backbone"),
-    "data.source": ("digits-mosaic", "list-files", "hdf5"),
+    "data.source": tuple(SOURCES),
     "labnet.quant_reduction": ("mean", "sum"),
     "labnet.label_head": ("sigmoid", "linear"),
-    "imgnet.backbone": ("small", "cnnf", "alexnet", "vgg16", "resnet50"),
+    "imgnet.backbone": tuple(BACKBONES),
     "imgnet.hash_from": ("pre_relu", "post_relu"),
     "train.optimizer": ("adam", "sgd"),
 }
@@ -252,6 +244,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise DsehError(f"params key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -347,18 +341,31 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
     return from_dict(raw, overrides)
 
 
+_EPOCHS = "must train at least 1 epoch in the first round and never a negative number"
+
+
 def _validate(cfg: Config) -> None:
     checks = [
+        (cfg.seed >= 0, "seed", "must not be negative"),
         (cfg.bits >= 1 and cfg.bits <= 4096, "bits", "must be between 1 and 4096"),
         (cfg.train.rounds >= 1, "train.rounds", "must be at least 1"),
         (cfg.labnet.batch_size >= 1, "labnet.batch_size", "must be positive"),
         (cfg.imgnet.batch_size >= 1, "imgnet.batch_size", "must be positive"),
-        (min(cfg.labnet.epochs) >= 0, "labnet.epochs", "must not be negative"),
-        (min(cfg.imgnet.epochs) >= 0, "imgnet.epochs", "must not be negative"),
+        (min(cfg.labnet.epochs) >= 0 and cfg.labnet.epochs[0] >= 1, "labnet.epochs", _EPOCHS),
+        (min(cfg.imgnet.epochs) >= 0 and cfg.imgnet.epochs[0] >= 1, "imgnet.epochs", _EPOCHS),
+        (cfg.imgnet.encode_batch_size >= 1, "imgnet.encode_batch_size", "must be positive"),
         (cfg.data.image_size >= 8, "data.image_size", "must be at least 8"),
         (cfg.data.chunk_size >= 1, "data.chunk_size", "must be positive"),
+        (cfg.data.workers >= 1, "data.workers", "must be at least 1"),
+        (cfg.data.s3_timeout_s > 0, "data.s3_timeout_s", "must be positive"),
+        (cfg.data.s3_retries >= 0, "data.s3_retries", "must not be negative"),
         (cfg.evaluate.topk >= 1, "evaluate.topk", "must be positive"),
+        (min(cfg.evaluate.precision_at) >= 1, "evaluate.precision_at", "must hold positive list lengths"),
+        (cfg.evaluate.radius >= 0, "evaluate.radius", "must not be negative"),
+        (cfg.evaluate.query_chunk >= 1, "evaluate.query_chunk", "must be positive"),
+        (cfg.evaluate.collapse_min_distinct >= 1, "evaluate.collapse_min_distinct", "must be at least 1"),
         (cfg.train.step_epochs >= 1, "train.step_epochs", "must be positive"),
+        (cfg.train.clip_value >= 0, "train.clip_value", "must not be negative (0: no clipping)"),
         (cfg.train.threads >= 0, "train.threads", "must not be negative (0: torch's default)"),
         (cfg.train.loader_workers >= 0, "train.loader_workers", "must not be negative (0: chosen per device)"),
         (cfg.tracking.timeout_s > 0, "tracking.timeout_s", "must be positive"),
@@ -366,6 +373,7 @@ def _validate(cfg: Config) -> None:
         (all(1 <= b <= 4096 for b in cfg.compare.bits), "compare.bits", "must hold code lengths between 1 and 4096"),
         (0 < cfg.compare.val_fraction < 1, "compare.val_fraction", "must be between 0 and 1"),
         (cfg.compare.jobs >= 1, "compare.jobs", "must be at least 1"),
+        (min(cfg.compare.seeds) >= 0, "compare.seeds", "must not hold a negative seed"),
         (cfg.baseline.hashnet_step_size >= 1, "baseline.hashnet_step_size", "must be positive"),
         (len(set(cfg.compare.seeds)) == len(cfg.compare.seeds), "compare.seeds", "must not repeat a seed"),
     ]
@@ -375,30 +383,12 @@ def _validate(cfg: Config) -> None:
     for m in cfg.compare.methods:
         if m not in METHODS:
             raise DsehError(f"params key 'compare.methods': {m!r} is not one of {', '.join(METHODS)}")
-    for a in cfg.compare.ablations:
-        if a not in ABLATIONS:
-            raise DsehError(f"params key 'compare.ablations': {a!r} is not one of {', '.join(ABLATIONS)}")
     counts = {m: len(trials(cfg, m)) for m in DEEP_METHODS if m in cfg.compare.methods}
     if len(set(counts.values())) > 1:
         raise DsehError(
             "params keys 'compare.trials_*': every deep method gets the same number of tuning trials, got "
             + ", ".join(f"{m} {n}" for m, n in counts.items())
         )
-
-
-def ablation_overrides(cfg: Config, name: str) -> tuple[str, ...]:
-    """The overrides of an ablation preset on top of `cfg`. dseh-r2, the alternation counterpart for
-    params that train one round, splits the same total ImgNet epochs over two rounds (LabNet's
-    second round gets half its first round's epochs, as in the release's decreasing schedule)."""
-    if name != "dseh-r2":
-        return ABLATIONS[name]
-    total = sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(cfg.train.rounds))
-    lab0 = epochs_for_round(cfg.labnet.epochs, 0)
-    return (
-        "train.rounds=2",
-        f"imgnet.epochs=[{-(-total // 2)},{total // 2}]",
-        f"labnet.epochs=[{lab0},{max(1, -(-lab0 // 2))}]",
-    )
 
 
 def trials(cfg: Config, method: str) -> list[list[str]]:
@@ -412,7 +402,8 @@ def epochs_for_round(epochs: tuple[int, ...], round_index: int) -> int:
 
 
 def to_dict(cfg: Any) -> dict:
-    """The resolved config as plain YAML-able data (tuples become lists)."""
+    """The resolved config as plain YAML-able data (tuples become lists). Not a read of every key
+    for `recording` (it serves records and fingerprints, not results)."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, (tuple, list)):
@@ -421,45 +412,39 @@ def to_dict(cfg: Any) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    with paused():
+        return plain(dataclasses.asdict(cfg))
+
+
+def value(cfg: Config, key: str) -> Any:
+    """The value of a leaf key such as `labnet.epochs` (lists as lists)."""
+    node: Any = to_dict(cfg)
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def values(cfg: Config, keys: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """{key: value} of leaf keys: what a fingerprint over a stage's declared params holds."""
+    return {k: value(cfg, k) for k in keys}
+
+
+# keys that change how fast or where a step runs and logs, never what it writes: no stage declares
+# them, so changing one reruns nothing (tracking.* is declared by promote, whose output it is)
+NEUTRAL_KEYS = (
+    "data.workers",
+    "data.chunk_size",
+    "data.s3_timeout_s",
+    "data.s3_retries",
+    "train.loader_workers",
+    "evaluate.query_chunk",
+    "tracking.enabled",
+    "tracking.experiment",
+    "tracking.registered_model",
+    "tracking.timeout_s",
+    "tracking.required",
+)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def section_keys(cfg_cls: type = Config, prefix: str = "") -> list[str]:
-    """Every leaf key (`labnet.epochs`, ...) of the config, in declaration order."""
-    keys = []
-    hints = typing.get_type_hints(cfg_cls)
-    for f in dataclasses.fields(cfg_cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += section_keys(tp, prefix + f.name + ".")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-__all__ = [
-    "ABLATIONS",
-    "BaselineConfig",
-    "CompareConfig",
-    "Config",
-    "DataConfig",
-    "EvaluateConfig",
-    "ImgNetConfig",
-    "LabNetConfig",
-    "PromoteConfig",
-    "SweepConfig",
-    "TrackingConfig",
-    "TrainConfig",
-    "apply_overrides",
-    "dump_config",
-    "epochs_for_round",
-    "from_dict",
-    "from_yaml_text",
-    "load_config",
-    "section_keys",
-    "to_dict",
-]

@@ -14,12 +14,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dseh import storage
-from dseh.config import DataConfig
 from dseh.errors import DsehError, MissingObject
+
+if TYPE_CHECKING:
+    from dseh.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -440,3 +443,8 @@ class PreparedData:
     @property
     def sha256(self) -> str:
         return self.manifest["dataset_sha256"]
+
+
+def as_prepared(data: str | Path | PreparedData) -> PreparedData:
+    """A PreparedData for a prepared dataset folder (or the object itself)."""
+    return data if isinstance(data, PreparedData) else PreparedData(data)

@@ -1,4 +1,4 @@
-"""Hamming ranking and retrieval metrics (definitions in shared/spec/evaluation.md).
+"""Hamming ranking and retrieval metrics (definitions in docs/evaluation.md).
 
 - Ranking: ascending Hamming distance, ties broken by database index ascending.
 - Relevant: shares at least one label with the query.
@@ -154,7 +154,7 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: int
 
 @dataclass
 class RetrievalReport:
-    """Everything evaluation.md asks for, from one pass over the database per query chunk."""
+    """Everything docs/evaluation.md defines, from one pass over the database per query chunk."""
 
     bits: int
     topk: int
@@ -307,3 +307,41 @@ def pr_curve(query_codes, db_codes, query_labels, db_labels) -> tuple[np.ndarray
 def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radius: int = 2) -> float:
     """Hash-lookup precision of {d <= radius} (a query retrieving nothing counts 0)."""
     return _report(query_codes, db_codes, query_labels, db_labels).precision_within(radius)
+
+
+# --------------------------------------------------------------------------- a prepared split's report
+
+
+def headline_keys(topk: int) -> list[str]:
+    """The names of the headline metrics, everywhere they are written (metrics.json, the MAP table,
+    the comparison's runs and tables, MLflow)."""
+    return ["map_all", f"map_at_{topk}", "map_tie_aware"]
+
+
+def headline_metrics(rep: RetrievalReport) -> dict[str, float]:
+    """{map_all, map_at_<topk>, map_tie_aware} of a report."""
+    return dict(zip(headline_keys(rep.topk), (rep.map_all, rep.map_topk, rep.map_tie_aware)))
+
+
+def split_report(ev, data, codes: np.ndarray, bits: int, precision_at: tuple[int, ...] | None = None):
+    """The retrieval report of a prepared dataset's query rows against its database rows, given the
+    packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData)."""
+    return retrieval_report(
+        codes[data.query],
+        codes[data.database],
+        data.labels[data.query],
+        data.labels[data.database],
+        bits,
+        ev.topk,
+        precision_at or ev.precision_at,
+        ev.query_chunk,
+    )
+
+
+def split_collapse(ev, data, codes: np.ndarray, bits: int) -> dict:
+    """dseh.codes.collapse of the database rows of the packed codes of every item, with
+    evaluate.collapse_min_distinct capped at the database's number of distinct label sets."""
+    from dseh.codes import collapse
+
+    label_sets = int(len(np.unique(data.labels[data.database], axis=0)))
+    return collapse(codes[data.database], bits, ev.collapse_min_distinct, label_sets)

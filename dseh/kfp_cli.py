@@ -7,6 +7,7 @@ import json
 import tempfile
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -95,6 +96,15 @@ def _upload(client, package: Path, name: str) -> tuple[str, str]:
     return pid, v.pipeline_version_id
 
 
+@contextmanager
+def _compiled(host: str, timeout_s: float, experiment: str, params_path: str, kw: dict):
+    """(kfp.Client, the experiment, the compiled package's path) for a submission."""
+    client = _client(host, timeout_s)
+    exp = client.create_experiment(experiment)
+    with tempfile.TemporaryDirectory() as tmp:
+        yield client, exp, compile_pipeline(params_path, str(Path(tmp) / "dseh_pipeline.yaml"), **kw)
+
+
 def submit(
     host: str,
     params_path: str,
@@ -107,10 +117,7 @@ def submit(
     **kw,
 ) -> dict:
     """Create the experiment if needed, upload or version the pipeline, create the run."""
-    client = _client(host, timeout_s)
-    exp = client.create_experiment(experiment)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(params_path, str(Path(tmp) / "dseh_pipeline.yaml"), **kw)
+    with _compiled(host, timeout_s, experiment, params_path, kw) as (client, exp, package):
         pid, vid = _upload(client, package, pipeline_name)
     run = client.run_pipeline(
         experiment_id=exp.experiment_id,
@@ -143,10 +150,7 @@ def schedule(
     name: str = "dseh-scheduled",
     **kw,
 ) -> dict:
-    client = _client(host, timeout_s)
-    exp = client.create_experiment(experiment)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(params_path, str(Path(tmp) / "dseh_pipeline.yaml"), **kw)
+    with _compiled(host, timeout_s, experiment, params_path, kw) as (client, exp, package):
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=name,

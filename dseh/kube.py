@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dseh import artifacts
 from dseh.errors import DsehError
 from dseh.pipeline_params import POD
 from dseh.tracking import PIPELINE_ENV
@@ -265,10 +266,8 @@ def train_imgnet_on_cluster(
     volume (mounted here at opts.mount_path), run the job, copy its output to `out_dir`, and remove
     the job's folder; returns the step's summary. A retried step finds the same job by name and
     waits for it again."""
-    import json
     import shutil
 
-    from dseh.stages import SUMMARY
     from dseh.storage import copy_dir
 
     work = Path(opts.mount_path) / "dseh-jobs" / opts.name
@@ -285,4 +284,39 @@ def train_imgnet_on_cluster(
     submit_and_wait(job_manifest(opts, args), timeout_s=timeout_s, host=host)
     copy_dir(work / "output", out_dir)
     shutil.rmtree(work, ignore_errors=True)
-    return json.loads((Path(out_dir) / SUMMARY).read_text())
+    return artifacts.read_json(Path(out_dir) / artifacts.SUMMARY)
+
+
+def run_training_step(
+    step: str,
+    config_text: str,
+    round_index: int,
+    gpus: int,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    labnet: str | Path | None = None,
+    prev_labnet: str | Path | None = None,
+    prev_imgnet: str | Path | None = None,
+) -> dict:
+    """A training step (train-labnet or train-imgnet) from resolved params text, as a Kubeflow
+    component runs it: in this process for one GPU, else data-parallel under torchrun with one
+    process per GPU (rank 0 writes the output). Returns the step's summary."""
+    import tempfile
+
+    from dseh import stages
+    from dseh.config import from_yaml_text
+
+    cfg = from_yaml_text(config_text)
+    if gpus <= 1:
+        if step == "train-labnet":
+            return stages.train_labnet(cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False)
+        return stages.train_imgnet(cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(config_text)
+        args = [step, "--params", str(params), "--round", str(round_index), "--data", str(data_dir), "-q"]
+        for flag, path in (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet)):
+            if path:
+                args += [flag, str(path)]
+        run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)
+    return artifacts.read_json(Path(out_dir) / artifacts.SUMMARY)

@@ -1,4 +1,4 @@
-"""DSEH loss terms (dseh.md section 2, the release's normalised form), one pure function each.
+"""DSEH loss terms (docs/algorithm.md; the release's normalised form), one pure function each.
 
 Notation: n training items, b batch items, K bits, c classes. S (n, b) holds S_ij = 1 when
 training item i and batch item j share a label. Buffers (n, .) are detached: gradients flow

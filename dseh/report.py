@@ -19,7 +19,8 @@ DEFINITIONS = (
 )
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,43 +29,36 @@ def _plt():
     return plt
 
 
+def _line_figure(path: Path, x, y, **axes) -> Path:
+    """One line plot with markers, axes set by `axes` (labels, title, limits), saved to `path`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(x, y, marker="o", ms=3)
+    ax.set(**axes)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def make_figures(rep, lab_feats: np.ndarray | None, img_feats: np.ndarray | None, out: Path) -> dict[str, Path]:
     """Write pr_curve.png, precision_at_n.png and heatmaps.png under `out`; return their paths.
     The heat maps show the semantic features that exist (none for ITQ and LSH, no LabNet panel
     for the other methods than DSEH)."""
-    plt = _plt()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
 
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(rep.pr_recall, rep.pr_precision, marker="o", ms=3)
-    ax.set(
-        xlabel="recall",
-        ylabel="precision",
-        title=f"PR curve by Hamming radius ({rep.bits} bits)",
-        xlim=(0, 1.02),
-        ylim=(0, 1.02),
-    )
-    ax.grid(alpha=0.3)
-    paths["pr_curve"] = out / "pr_curve.png"
-    fig.tight_layout()
-    fig.savefig(paths["pr_curve"], dpi=100)
-    plt.close(fig)
-
+    paths["pr_curve"] = _line_figure(
+        out / "pr_curve.png", rep.pr_recall, rep.pr_precision, xlabel="recall", ylabel="precision",
+        title=f"PR curve by Hamming radius ({rep.bits} bits)", xlim=(0, 1.02), ylim=(0, 1.02),
+    )  # fmt: skip
     ns = sorted(rep.precision_at)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(ns, [rep.precision_at[n] for n in ns], marker="o", ms=3)
-    ax.set(
-        xlabel="number of top returned images",
-        ylabel="precision",
-        title=f"precision@top-N ({rep.bits} bits)",
-        ylim=(0, 1.02),
-    )
-    ax.grid(alpha=0.3)
-    paths["precision_at_n"] = out / "precision_at_n.png"
-    fig.tight_layout()
-    fig.savefig(paths["precision_at_n"], dpi=100)
-    plt.close(fig)
+    paths["precision_at_n"] = _line_figure(
+        out / "precision_at_n.png", ns, [rep.precision_at[n] for n in ns], xlabel="number of top returned images",
+        ylabel="precision", title=f"precision@top-N ({rep.bits} bits)", ylim=(0, 1.02),
+    )  # fmt: skip
 
     panels = [(f, name) for f, name in ((lab_feats, "LabNet f^l"), (img_feats, "ImgNet f^v")) if f is not None]
     if not panels:
@@ -121,3 +115,34 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 </body></html>
 """
     path.write_text(doc)
+
+
+def heatmap_rows(seed: int, n_items: int, train_labels: np.ndarray, *features: np.ndarray | None) -> tuple:
+    """The training items the heat maps show: a seeded sample of n_items, rows grouped by label set
+    as in the paper's figure; each of `features` (rows over the training items) at those rows."""
+    rng = np.random.default_rng(seed)
+    n_train = len(train_labels)
+    sample = rng.choice(n_train, size=min(n_items, n_train), replace=False)
+    sample = sample[np.lexsort(train_labels[sample].T[::-1])]
+    return tuple(None if f is None else f[sample] for f in features)
+
+
+def write_evaluation(
+    out: Path, rep, metrics: dict, lab_feats: np.ndarray | None, img_feats: np.ndarray | None, config: dict
+) -> None:
+    """Everything `evaluate` writes beside metrics.json: the DVC plot data (PR curve by radius,
+    precision/recall@N as CSV), the figures and the HTML report."""
+    from dseh import artifacts
+
+    artifacts.write_csv(
+        out / artifacts.PR_CURVE,
+        ["radius", "precision", "recall"],
+        [[r, f"{p:.6f}", f"{q:.6f}"] for r, (p, q) in enumerate(zip(rep.pr_precision, rep.pr_recall))],
+    )
+    artifacts.write_csv(
+        out / artifacts.PRECISION_AT,
+        ["n", "precision", "recall"],
+        [[n, f"{rep.precision_at[n]:.6f}", f"{rep.recall_at[n]:.6f}"] for n in rep.precision_at],
+    )
+    figs = make_figures(rep, lab_feats, img_feats, out / artifacts.FIGURES)
+    write_html(out / artifacts.REPORT, metrics, rep.precision_at, rep.recall_at, figs, config)

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from dseh.artifacts import CODES
 from dseh.codes import pack
 from dseh.data import PreparedData, _decode
+from dseh.encoder import encode_images
 from dseh.errors import DsehError
-from dseh.stages import CODES, load_imgnet
+from dseh.models.factory import load_imgnet
 
 
 def load_query_images(paths: list[str], size: int) -> np.ndarray:
@@ -19,6 +20,8 @@ def load_query_images(paths: list[str], size: int) -> np.ndarray:
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
         f = Path(p)
+        if f.is_dir():
+            raise DsehError(f"query image {p} is a directory; give image files")
         if not f.is_file():
             raise DsehError(f"query image {p} does not exist")
         try:
@@ -71,6 +74,8 @@ def search(
     searches an approximate faiss index instead, `nprobe` cells per query for ivf."""
     from dseh import index as ix
 
+    if k < 1:
+        raise DsehError(f"-k must be at least 1, got {k}")
     data = PreparedData(data_dir)
     if model_dir.startswith(("models:/", "runs:/")):
         if not codes_path:
@@ -82,10 +87,8 @@ def search(
     else:
         model, state = load_imgnet(model_dir, weights)
         codes_file = Path(codes_path) if codes_path else Path(model_dir) / CODES
-        x = load_query_images(images, int(state["image_size"]))
-        with torch.no_grad():
-            _, u = model(torch.from_numpy(x))
-        q = pack(u.numpy())
+        x = load_query_images(images, state.image_size)
+        q = pack(encode_images(model, x, None, state.config.imgnet.encode_batch_size)[1])
     db_codes = item_codes(codes_file, data, data_dir)
     if q.shape[1] != db_codes.shape[1]:
         raise DsehError(

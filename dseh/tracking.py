@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from dseh.artifacts import code_version
 from dseh.config import Config, TrackingConfig, to_dict
 from dseh.errors import DsehError
+from dseh.train.device import dist_info
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +46,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
 
 
-def check_server(uri: str, timeout_s: float) -> None:
-    """An HTTP tracking URI must answer /health within timeout_s; local stores always do."""
+def bound_http(timeout_s: float) -> None:
+    """Bound every MLflow REST call of this process by tracking.timeout_s: one request times out
+    after it, with at most one retry (MLflow's defaults, 120 s and 7 retries with backoff, let a
+    stalled server hold a step for many minutes)."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+
+
+def check_server(uri: str, timeout_s: float, hint: str = "; set tracking.required=false to train without it") -> None:
+    """An HTTP tracking URI must answer /health within timeout_s; local stores always do. Every
+    later MLflow call of the process is bounded too (bound_http)."""
     if not uri.startswith(("http://", "https://")):
         return
+    bound_http(timeout_s)
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
             if resp.status >= 400:
                 raise DsehError(f"MLflow tracking server {uri} answered HTTP {resp.status}")
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise DsehError(
-            f"MLflow tracking server {uri} is unreachable ({exc}); set tracking.required=false to train without it"
-        ) from exc
+        raise DsehError(f"MLflow tracking server {uri} is unreachable ({exc}){hint}") from exc
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -114,28 +125,28 @@ class Tracker:
 
 
 @contextmanager
-def step_run(cfg: Config, step: str, dataset_sha: str, tags: dict[str, str] | None = None) -> Iterator[Tracker | None]:
+def step_run(
+    cfg: Config, step: str, dataset_sha: str, tags: dict[str, str] | None = None, required: bool | None = None
+) -> Iterator[Tracker | None]:
     """A nested MLflow run for one step under the pipeline's parent run; None when tracking is
-    off (or unreachable with tracking.required=false) and on ranks other than 0. A failing step
-    ends its run FAILED."""
+    off (or unreachable when not `required`, by default tracking.required) and on ranks other
+    than 0. A failing step ends its run FAILED."""
     tc: TrackingConfig = cfg.tracking
-    from dseh.train import dist_info
-
     if not tc.enabled or not dist_info().main:  # under torchrun only rank 0 tracks
         yield None
         return
     uri = tracking_uri()
+    hint = "" if required is not None else "; set tracking.required=false to train without it"
+    required = tc.required if required is None else required
     try:
-        check_server(uri, tc.timeout_s)
+        check_server(uri, tc.timeout_s, hint)
     except DsehError as exc:
-        if tc.required:
+        if required:
             raise
         log.warning("%s; continuing without tracking", exc)
         yield None
         return
     import mlflow
-
-    from dseh.stages import code_version
 
     mlflow.set_tracking_uri(uri)
     exp = mlflow.set_experiment(tc.experiment)
@@ -178,19 +189,16 @@ def _pyfunc_class():
             self.batch = int(meta["encode_batch_size"])
 
         def predict(self, context, model_input, params=None):
-            import torch
-
             from dseh.codes import sign
+            from dseh.encoder import encode_images
 
             if isinstance(model_input, dict):  # a named-tensor request: the one tensor is the images
                 (model_input,) = model_input.values()
             x = np.asarray(model_input, dtype=np.uint8)
-            out = []
-            with torch.no_grad():
-                for s in range(0, len(x), self.batch):
-                    _, u = self.model(torch.from_numpy(np.ascontiguousarray(x[s : s + self.batch])))
-                    out.append(sign(u.float().numpy()))
-            return np.concatenate(out) if out else np.zeros((0, 0), np.int8)
+            if not len(x):
+                return np.zeros((0, 0), np.int8)
+            _, u = encode_images(self.model, x, None, self.batch)
+            return sign(u)
 
     return ImgNetCodes
 
@@ -228,76 +236,3 @@ def log_imgnet_model(
                 f"mlflow=={mlflow.__version__}",
             ],
         )
-
-
-# --------------------------------------------------------------------------- promotion
-
-
-CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-def _version_metric(v) -> float | None:
-    try:
-        return float(v.tags["dseh.metric_value"])
-    except (KeyError, ValueError):
-        return None
-
-
-def _comparable(a, b) -> bool:
-    keys = ("dseh.metric", "dseh.protocol", "dseh.dataset_sha256")
-    return all(a.tags.get(k) == b.tags.get(k) for k in keys)
-
-
-def current_champion(client, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def decide(
-    candidate_metric: float, candidate_tags: dict, champion, min_delta: float, collapsed: str | None = None
-) -> tuple[bool, str]:
-    """(promote?, reason) for a candidate against the current champion version (or None); a candidate
-    whose codes collapsed (`collapsed` says how) never becomes the champion, even with none yet."""
-    if collapsed:
-        return False, f"the candidate's codes collapsed ({collapsed})"
-    if champion is None:
-        return True, "no champion yet"
-    keys = ("dseh.metric", "dseh.protocol", "dseh.dataset_sha256")
-    if any(champion.tags.get(k) != candidate_tags.get(k) for k in keys):
-        return False, "the champion was measured with another metric, protocol or dataset: not comparable"
-    best = _version_metric(champion)
-    if best is None:
-        return True, "the champion carries no metric"
-    if candidate_metric >= best + min_delta:
-        return True, f"{candidate_metric:.6f} beats the champion's {best:.6f} by at least {min_delta}"
-    return False, f"{candidate_metric:.6f} does not beat the champion's {best:.6f} by {min_delta}"
-
-
-def settle_champion(client, name: str, attempts: int = 3) -> None:
-    """Make the champion the best of the versions ever promoted on its dataset and protocol.
-
-    MLflow has no compare-and-set: two promotions that read the same champion can write in
-    either order. Each promotion re-reads after writing and moves the alias to the best promoted
-    version, so the champion's metric never ends lower than any promoted version's."""
-    for _ in range(attempts):
-        champ = current_champion(client, name)
-        if champ is None:
-            return
-        promoted = [
-            v
-            for v in client.search_model_versions(f"name = '{name}'")
-            if v.tags.get("dseh.promoted") == "true" and _comparable(v, champ) and _version_metric(v) is not None
-        ]
-        if not promoted:
-            return
-        best = max(promoted, key=lambda v: (_version_metric(v), -int(v.version)))
-        if best.version == champ.version:
-            return
-        if _version_metric(best) <= (_version_metric(champ) or float("-inf")):
-            return
-        client.set_registered_model_alias(name, CHAMPION, best.version)
-        time.sleep(0.2)

@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_ddp.py (or alone for the single-process reference): trains
-LabNet and a DPSH ImgNet phase through train.run_phase on fixed synthetic data and saves, per
+LabNet and a DPSH ImgNet phase through loop.run_phase on fixed synthetic data and saves, per
 rank, the all-training-set buffers and the final parameters to OUT/rank<R>.pt."""
 
 import sys
@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dseh import train
+from dseh import methods
 from dseh.config import from_dict
 from dseh.models.backbones import SmallCNN
+from dseh.models.factory import build_labnet
 from dseh.models.nets import ImgNet
+from dseh.train import device as devices
+from dseh.train import loop, phases
 
 
 def main(out: Path) -> None:
-    info = train.init_distributed("cpu")
+    info = devices.init_distributed("cpu")
     cfg = from_dict(
         {
             "bits": 16,
@@ -24,28 +27,29 @@ def main(out: Path) -> None:
             "train": {"threads": 1, "loader_workers": 1},
         }
     )
-    train.set_determinism(0, 1)
+    devices.set_determinism(0, 1)
     rng = np.random.default_rng(0)
     n = 90  # not a multiple of the global batch: the last batch is short and padded across ranks
     labels = torch.from_numpy((rng.random((n, 6)) < 0.3).astype(np.float32))
     images = rng.integers(0, 255, (n, 12, 12, 3), dtype=np.uint8)
 
-    lab = train.build_labnet(6, cfg.bits, cfg.labnet)
+    lab = build_labnet(6, cfg.bits, cfg.labnet)
     F_buf, H_buf = torch.zeros(n, 512), torch.zeros(n, cfg.bits)
-    opt = train.make_optimizer([{"params": list(lab.parameters()), "lr": 1e-3}], cfg.train)
-    phase = train.labnet_phase(lab, opt, labels, F_buf, H_buf, cfg.labnet, cfg.train, 0, 2, seed=3)
-    lab_hist = train.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
+    opt = loop.make_optimizer([{"params": list(lab.parameters()), "lr": 1e-3}], cfg.train)
+    phase = phases.labnet_phase(lab, opt, labels, F_buf, H_buf, cfg.labnet, cfg.train, 0, 2, seed=3)
+    lab_hist = loop.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
 
     img = ImgNet(SmallCNN(12, dropout=0.0), cfg.bits)
-    groups, mults = train.imgnet_param_groups(img, 1e-3, 1.0)
-    opt = train.make_optimizer(groups, cfg.train)
-    U = torch.zeros(n, cfg.bits)
-    objective = train.dpsh_objective(labels, U, 0.1)
-    phase = train.imgnet_phase(
+    groups, mults = phases.imgnet_param_groups(img, 1e-3, 1.0)
+    opt = loop.make_optimizer(groups, cfg.train)
+    inputs = methods.ObjectiveInputs(cfg=cfg, labels=labels, device=torch.device("cpu"))
+    objective, buffers = methods.get("dpsh").objective(inputs)
+    U = buffers["U"]
+    phase = phases.imgnet_phase(
         img, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, 2, 5, torch.device("cpu"),
-        buffers={"U": U},
+        buffers=buffers,
     )  # fmt: skip
-    img_hist = train.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
+    img_hist = loop.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
     torch.save(
         {
             "world": info.world,
@@ -64,4 +68,4 @@ if __name__ == "__main__":
     try:
         main(Path(sys.argv[1]))
     finally:
-        train.leave_distributed()
+        devices.leave_distributed()

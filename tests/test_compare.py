@@ -12,12 +12,15 @@ import pytest
 import torch
 import yaml
 
+from dseh import artifacts, experiments, stages
 from dseh import compare as cmp
-from dseh import stages, train
+from dseh.artifacts import load_step_model
 from dseh.cli import main
 from dseh.config import from_dict
 from dseh.data import PreparedData
 from dseh.errors import DsehError
+from dseh.models.factory import build_imgnet
+from dseh.train import phases
 from tests.conftest import REPO, tiny_raw
 
 COMPARE = {
@@ -38,7 +41,7 @@ COMPARE = {
 SMALL = {
     "imgnet": {"epochs": [1]},
     "labnet": {"epochs": [8], "batch_size": 16},
-    "baseline": {"collapse_min_distinct": 2},
+    "evaluate": {"collapse_min_distinct": 2},
 }
 
 
@@ -74,8 +77,7 @@ def test_method_param_runs_the_pipeline_steps(tmp_path, data_dir, method, capsys
     assert 0 < m["map_all"] <= 1 and "labnet" not in m
     assert (tmp_path / "eval/report.html").is_file()
     assert (tmp_path / "eval/figures/heatmaps.png").exists() == (method != "itq")
-    state = torch.load(tmp_path / "imgnet/round0/model.pt", weights_only=False)
-    assert state["method"] == method
+    assert load_step_model(tmp_path / "imgnet/round0", ("imgnet", "linear-hash")).method == method
     if method == "itq":
         capsys.readouterr()
         assert main(["evaluate", *args, "--encode"]) == 2
@@ -88,7 +90,7 @@ def test_method_param_runs_the_pipeline_steps(tmp_path, data_dir, method, capsys
 
 
 def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
-    model = stages.build_imgnet(tiny_cfg, 12)
+    model = build_imgnet(tiny_cfg, 12)
     images = np.zeros((10, 12, 12, 3), np.uint8)
     seen = []
 
@@ -96,7 +98,7 @@ def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
         seen.append(step)
         return {"loss": u.sum()}
 
-    phase = train.imgnet_phase(
+    phase = phases.imgnet_phase(
         model, None, [1.0], images, np.arange(10), objective, tiny_cfg.imgnet, tiny_cfg.train, 1, 1, 0,
         torch.device("cpu"), step_offset=7,
     )  # fmt: skip
@@ -109,10 +111,10 @@ def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
 def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, data_dir):
     cache = tmp_path / "labnet-cache"
     quick = tiny_raw(imgnet={"epochs": [1]})
-    first = stages.train_rounds(from_dict(quick), data_dir, stages.Layout(tmp_path / "a"), False, cache)
+    first = experiments.train_rounds(from_dict(quick), data_dir, artifacts.Layout(tmp_path / "a"), False, cache)
     imgnet_only = from_dict(quick, ["imgnet.gamma_if=0"])  # DSEH-S: ImgNet's params differ
-    shared = stages.train_rounds(imgnet_only, data_dir, stages.Layout(tmp_path / "b"), False, cache)
-    fresh = stages.train_rounds(imgnet_only, data_dir, stages.Layout(tmp_path / "c"), False, None)
+    shared = experiments.train_rounds(imgnet_only, data_dir, artifacts.Layout(tmp_path / "b"), False, cache)
+    fresh = experiments.train_rounds(imgnet_only, data_dir, artifacts.Layout(tmp_path / "c"), False, None)
     assert not first.get("reused") and shared["reused"] and not fresh.get("reused")
     assert shared["seconds"] == first["seconds"]  # the shared LabNet's own training time
     with np.load(tmp_path / "b/labnet/round0/targets.npz") as b, np.load(tmp_path / "c/labnet/round0/targets.npz") as c:
@@ -120,8 +122,8 @@ def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path
     assert np.array_equal(
         np.load(tmp_path / "b/imgnet/round0/codes.npy"), np.load(tmp_path / "c/imgnet/round0/codes.npy")
     )
-    other = stages.train_rounds(
-        from_dict(quick, ["labnet.gamma_hl=0"]), data_dir, stages.Layout(tmp_path / "d"), False, cache
+    other = experiments.train_rounds(
+        from_dict(quick, ["labnet.gamma_hl=0"]), data_dir, artifacts.Layout(tmp_path / "d"), False, cache
     )
     assert not other.get("reused") and len(list(cache.iterdir())) == 2
 
@@ -144,7 +146,7 @@ def test_trials_are_equal_in_number_and_checked_before_any_run():
     with pytest.raises(DsehError, match="unknown params key 'imgnet.lr_rate'"):
         cmp._check_overrides(cfg)
     with pytest.raises(DsehError, match="'compare.ablations'"):
-        from_dict(tiny_raw(compare={"ablations": ["dseh-x"]}))
+        cmp._check_overrides(from_dict(tiny_raw(compare={"ablations": ["dseh-x"]})))
 
 
 def test_tables_count_collapsed_runs_and_never_average_them(tiny_cfg):
@@ -154,7 +156,7 @@ def test_tables_count_collapsed_runs_and_never_average_them(tiny_cfg):
             **base,
             "seed": 0,
             "map_all": 0.6,
-            "map_topk": 0.7,
+            "map_at_100": 0.7,
             "collapsed": False,
             "train_seconds": 1,
             "imgnet_epochs": 2,
@@ -163,7 +165,7 @@ def test_tables_count_collapsed_runs_and_never_average_them(tiny_cfg):
             **base,
             "seed": 1,
             "map_all": 0.8,
-            "map_topk": 0.9,
+            "map_at_100": 0.9,
             "collapsed": False,
             "train_seconds": 1,
             "imgnet_epochs": 2,
@@ -172,7 +174,7 @@ def test_tables_count_collapsed_runs_and_never_average_them(tiny_cfg):
             **base,
             "seed": 2,
             "map_all": 0.36,
-            "map_topk": 0.37,
+            "map_at_100": 0.37,
             "collapsed": True,
             "train_seconds": 1,
             "imgnet_epochs": 2,
@@ -249,7 +251,7 @@ def test_comparison_dvc_stage_follows_the_stage_contract(compared):
     root, _, _ = compared
     stage = yaml.safe_load((REPO / "comparison/dvc.yaml").read_text())["stages"]["compare"]
     assert stage["wdir"] == ".." and stage["cmd"] == "dseh compare -q"
-    assert stage["params"] == stages.STAGE_PARAMS["compare"]
+    assert stage["params"] == cmp.PARAMS
     assert {"dseh", "outputs/data"} <= set(stage["deps"])
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     written = {p.name for p in (root / "out").iterdir()}
@@ -261,9 +263,9 @@ def test_every_dvc_dependency_exists_for_the_other_methods(tmp_path, data_dir, m
     from dseh.dvcfile import render
 
     cfg = from_dict(tiny_raw(method=method, train={"rounds": 2}, imgnet={"epochs": [1]}))
-    lay = stages.Layout(tmp_path)
+    lay = artifacts.Layout(tmp_path)
     lay.data.symlink_to(data_dir)
-    stages.train_rounds(cfg, lay.data, lay, progress=False)
+    experiments.train_rounds(cfg, lay.data, lay, progress=False)
     stages.evaluate(cfg, lay.data, lay.labnet(1), lay.imgnet(1), lay.eval, progress=False)
     graph = yaml.safe_load(render(cfg, lay))["stages"]
     for name in ("train_labnet_r1", "train_imgnet_r0", "train_imgnet_r1", "evaluate", "promote"):

@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
-from dseh import train
+from dseh import kube
 from dseh.errors import DsehError
-from dseh.train import Dist, rank_batches
+from dseh.train import device as devices
+from dseh.train.device import Dist, rank_batches
 from tests.conftest import LEARNING, REPO, free_port, tiny_raw
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -68,7 +69,6 @@ def test_ddp_two_gloo_ranks_keep_identical_buffers_and_match_one_process(tmp_pat
 def test_ddp_pipeline_steps_under_torchrun_match_one_process(tmp_path, monkeypatch):
     """The Kubeflow components' path: run_training_step with gpus=2 runs the step under torchrun
     (--standalone, 2 gloo processes on the CPU here)."""
-    from dseh import stages
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_raw(**LEARNING)))
@@ -79,9 +79,9 @@ def test_ddp_pipeline_steps_under_torchrun_match_one_process(tmp_path, monkeypat
     for step in ("prepare", "train-labnet", "train-imgnet", "evaluate"):
         assert train_main([step, *args]) == 0
     text = params.read_text()
-    summary = stages.run_training_step("train-labnet", text, 0, 2, one / "data", two / "labnet/round0")
+    summary = kube.run_training_step("train-labnet", text, 0, 2, one / "data", two / "labnet/round0")
     assert summary["distinct_codes"] > 1
-    stages.run_training_step(
+    kube.run_training_step(
         "train-imgnet", text, 0, 2, one / "data", two / "imgnet/round0", labnet=two / "labnet/round0"
     )
     assert train_main(["evaluate", *args[:-3], "--root", str(two), "--data", str(one / "data"), "-q"]) == 0
@@ -95,14 +95,13 @@ def test_ddp_pipeline_steps_under_torchrun_match_one_process(tmp_path, monkeypat
 
 
 def test_ddp_a_failing_step_under_torchrun_reports_its_own_error(tmp_path, monkeypatch):
-    from dseh import stages
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     text = yaml.safe_dump(tiny_raw())
     with pytest.raises(
         DsehError, match=r"train-labnet` on 2 process\(es\) failed: dseh: error: .*is not a prepared dataset"
     ):
-        stages.run_training_step("train-labnet", text, 0, 2, tmp_path / "missing", tmp_path / "out")
+        kube.run_training_step("train-labnet", text, 0, 2, tmp_path / "missing", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -114,6 +113,6 @@ def train_main(argv: list[str]) -> int:
 
 def test_ddp_nothing_to_join_in_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert train.init_distributed("cpu") == Dist()
+    assert devices.init_distributed("cpu") == Dist()
     rows = torch.arange(6.0).reshape(3, 2)
-    assert torch.equal(train.all_gather_rows(rows), rows) and train.global_batch(rows) is rows
+    assert torch.equal(devices.all_gather_rows(rows), rows) and devices.global_batch(rows) is rows

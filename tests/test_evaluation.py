@@ -1,4 +1,4 @@
-"""Retrieval metrics against hand-computed examples and a brute-force reference (evaluation.md)."""
+"""Retrieval metrics against hand-computed examples and a brute-force reference (docs/evaluation.md)."""
 
 import itertools
 

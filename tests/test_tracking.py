@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dseh import stages
+from dseh import artifacts, stages
 from dseh.codes import unpack
 from dseh.config import from_dict
 from dseh.errors import DsehError
@@ -42,7 +42,7 @@ def tracked(mlflow_server, tmp_path_factory):
     mp.setenv("DSEH_PIPELINE_RUN", "pipeline-test-1")
     mp.chdir(root)
     cfg = from_dict(_raw())
-    lay = stages.Layout(root / "outputs")
+    lay = artifacts.Layout(root / "outputs")
     stages.prepare(cfg, lay.data, progress=False)
     stages.train_labnet(cfg, lay.data, 0, lay.labnet(0), progress=False)
     stages.train_imgnet(cfg, lay.data, 0, lay.labnet(0), lay.imgnet(0), progress=False)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from dseh import losses, stages
+from dseh import artifacts, losses, stages
 from dseh.config import from_dict
 from dseh.errors import DsehError
-from dseh.train import lr_for_epoch
+from dseh.models.factory import load_imgnet
+from dseh.train.loop import lr_for_epoch
 from tests.conftest import REPO, tiny_raw
 
 
@@ -33,9 +34,9 @@ def test_determinism_same_seed_same_codes_bit_for_bit(prepared, tmp_path):
     cfg = from_dict(tiny_raw())
     _train_round0(cfg, prepared, tmp_path / "a")
     _train_round0(cfg, prepared, tmp_path / "b")
-    for name in (stages.CODES,):
+    for name in (artifacts.CODES,):
         assert np.array_equal(np.load(tmp_path / "a/img" / name), np.load(tmp_path / "b/img" / name))
-    for d, f in (("lab", stages.TARGETS), ("img", stages.TRAIN_OUTPUTS)):
+    for d, f in (("lab", artifacts.TARGETS), ("img", artifacts.TRAIN_OUTPUTS)):
         with np.load(tmp_path / "a" / d / f) as x, np.load(tmp_path / "b" / d / f) as y:
             for k in x.files:
                 assert np.array_equal(x[k], y[k]), (d, k)
@@ -53,9 +54,9 @@ def test_compiled_training_step_trains_like_eager(prepared, tmp_path):
     _train_round0(from_dict(tiny_raw()), prepared, tmp_path / "eager")
     _train_round0(from_dict(tiny_raw(train={"compile": True})), prepared, tmp_path / "compiled")
     bits = tiny_raw()["bits"]
-    eager, compiled = (unpack(np.load(tmp_path / d / "img" / stages.CODES), bits) for d in ("eager", "compiled"))
+    eager, compiled = (unpack(np.load(tmp_path / d / "img" / artifacts.CODES), bits) for d in ("eager", "compiled"))
     assert (eager == compiled).mean() > 0.95
-    model, state = stages.load_imgnet(tmp_path / "compiled/img")
+    model, state = load_imgnet(tmp_path / "compiled/img")
     assert state["bits"] == bits and not any(k.startswith("_orig_mod") for k in model.state_dict())
 
 
@@ -89,7 +90,7 @@ def test_prefetch_keeps_order_and_only_depth_batches_alive():
     import weakref
     from concurrent.futures import ThreadPoolExecutor
 
-    from dseh.train import prefetch
+    from dseh.train.feed import prefetch
 
     class Batch:
         def __init__(self, idx, epoch, i):
@@ -116,7 +117,7 @@ def test_prefetch_keeps_order_and_only_depth_batches_alive():
 
 
 def test_gather_images_reads_rows_in_order_and_mirror_flips_the_chosen_ones(tmp_path):
-    from dseh.train import gather_images, mirror
+    from dseh.train.feed import gather_images, mirror
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.integers(0, 255, (50, 6, 5, 3), dtype=np.uint8))
@@ -131,7 +132,7 @@ def test_gather_images_reads_rows_in_order_and_mirror_flips_the_chosen_ones(tmp_
 
 
 def test_loader_threads_per_device(monkeypatch):
-    from dseh.train import loader_threads
+    from dseh.train.feed import loader_threads
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert loader_threads(from_dict({"train": {"loader_workers": 3}}).train, gpu) == 3
@@ -159,7 +160,7 @@ def test_nan_loss_stops_naming_term_and_epoch_and_keeps_checkpoint(prepared, tmp
     cfg = from_dict(tiny_raw(labnet={"epochs": [3]}))
     with pytest.raises(DsehError, match=r"loss term 'J3' became nan at epoch 2.*last good checkpoint"):
         stages.train_labnet(cfg, prepared, 0, tmp_path / "lab", progress=False)
-    ckpt = stages._checkpoint_path(tmp_path / "lab")
+    ckpt = artifacts.checkpoint_path(tmp_path / "lab")
     assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["epoch"] == 1
     assert not (tmp_path / "lab").exists()
 
@@ -179,7 +180,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     shutil.copytree(clean, killed)
     cmd = [sys.executable, "-m", "dseh", "train-imgnet", "-q", "--params", str(params), "--root", str(killed)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ckpt = stages._checkpoint_path(killed / "imgnet/round0")
+    ckpt = artifacts.checkpoint_path(killed / "imgnet/round0")
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:

@@ -165,6 +165,41 @@ def _conv_weights(rec, name: str, path: str) -> tuple[np.ndarray, np.ndarray]:
     return kernel, bias
 
 
+def _stride_pad(rec, where: str) -> tuple[list[int], list[int]]:
+    stride = _ints(_get(rec, "stride", where), 2) if _has(rec, "stride") else [1, 1]
+    pad = _ints(_get(rec, "pad", where), 4) if _has(rec, "pad") else [0, 0, 0, 0]
+    return stride, pad
+
+
+def _conv_layer(rec, name: str, weights: str, channels: int, seq: dict[str, nn.Module]) -> int:
+    """Add a MatConvNet conv layer (and its padding) to `seq`; returns its output channels."""
+    where = f"{weights}: layer '{name}'"
+    kernel, bias = _conv_weights(rec, name, weights)
+    kh, kw, cin, cout = kernel.shape
+    if cin != channels:
+        raise DsehError(f"{where}: kernel expects {cin} input channels, the previous layer gives {channels}")
+    stride, pad = _stride_pad(rec, where)
+    conv = nn.Conv2d(cin, cout, (kh, kw), stride=tuple(stride))
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(bias))
+    if any(pad):
+        seq[f"{name}_pad"] = _Pad(pad, 0.0)
+    seq[name] = conv
+    return cout
+
+
+def _pool_layer(rec, name: str, where: str, seq: dict[str, nn.Module]) -> None:
+    """Add a MatConvNet pooling layer (and its padding) to `seq`."""
+    size = _ints(_get(rec, "pool", where), 2)
+    stride, pad = _stride_pad(rec, where)
+    method = _text(_get(rec, "method", where)) if _has(rec, "method") else "max"
+    if any(pad):
+        seq[f"{name}_pad"] = _Pad(pad, float("-inf") if method == "max" else 0.0)
+    pool_cls: Callable = nn.MaxPool2d if method == "max" else nn.AvgPool2d
+    seq[name] = pool_cls(tuple(size), stride=tuple(stride))
+
+
 CNNF_REQUIRED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
 
 
@@ -187,22 +222,7 @@ class CNNF(Backbone):
             names.append(name)
             where = f"{weights}: layer '{name}'"
             if kind == "conv":
-                kernel, bias = _conv_weights(rec, name, weights)
-                kh, kw, cin, cout = kernel.shape
-                if cin != channels:
-                    raise DsehError(
-                        f"{where}: kernel expects {cin} input channels, the previous layer gives {channels}"
-                    )
-                stride = _ints(_get(rec, "stride", where), 2) if _has(rec, "stride") else [1, 1]
-                pad = _ints(_get(rec, "pad", where), 4) if _has(rec, "pad") else [0, 0, 0, 0]
-                conv = nn.Conv2d(cin, cout, (kh, kw), stride=tuple(stride))
-                with torch.no_grad():
-                    conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
-                    conv.bias.copy_(torch.from_numpy(bias))
-                if any(pad):
-                    seq[f"{name}_pad"] = _Pad(pad, 0.0)
-                seq[name] = conv
-                channels = cout
+                channels = _conv_layer(rec, name, weights, channels, seq)
             elif kind == "relu":
                 seq[name] = nn.ReLU(inplace=True)
                 if name in ("relu6", "relu7"):
@@ -211,14 +231,7 @@ class CNNF(Backbone):
                 n, kappa, alpha, beta = [float(v) for v in np.asarray(_get(rec, "param", where)).ravel()]
                 seq[name] = nn.LocalResponseNorm(int(n), alpha=alpha * n, beta=beta, k=kappa)
             elif kind == "pool":
-                size = _ints(_get(rec, "pool", where), 2)
-                stride = _ints(_get(rec, "stride", where), 2) if _has(rec, "stride") else [1, 1]
-                pad = _ints(_get(rec, "pad", where), 4) if _has(rec, "pad") else [0, 0, 0, 0]
-                method = _text(_get(rec, "method", where)) if _has(rec, "method") else "max"
-                if any(pad):
-                    seq[f"{name}_pad"] = _Pad(pad, float("-inf") if method == "max" else 0.0)
-                pool_cls: Callable = nn.MaxPool2d if method == "max" else nn.AvgPool2d
-                seq[name] = pool_cls(tuple(size), stride=tuple(stride))
+                _pool_layer(rec, name, where, seq)
             if name == "relu7":
                 break
         missing = [n for n in CNNF_REQUIRED if n not in names]
@@ -383,22 +396,39 @@ def load_torchvision_weights(model: Backbone, path: str) -> None:
     model.pretrained = True
 
 
-BACKBONES = ("small", "cnnf", "alexnet", "vgg16", "resnet50")
+def _small(weights: str, image_size: int, dropout: float) -> Backbone:
+    if weights:
+        raise DsehError("imgnet.backbone=small trains from scratch; leave imgnet.weights empty")
+    return SmallCNN(image_size, dropout)
+
+
+def _cnnf(weights: str, image_size: int, dropout: float) -> Backbone:
+    if not weights:
+        raise DsehError("imgnet.backbone=cnnf needs imgnet.weights: a local imagenet-vgg-f.mat")
+    return CNNF(weights, image_size, dropout)
+
+
+def _torchvision(make: Callable[[float], Backbone]) -> Callable[[str, int, float], Backbone]:
+    def create(weights: str, _image_size: int, dropout: float) -> Backbone:
+        model = make(dropout)
+        load_torchvision_weights(model, weights)
+        return model
+
+    return create
+
+
+# the backbone registry: imgnet.backbone -> (local weights path, image size, dropout) -> Backbone
+BACKBONES: dict[str, Callable[[str, int, float], Backbone]] = {
+    "small": _small,
+    "cnnf": _cnnf,
+    "alexnet": _torchvision(AlexNet),
+    "vgg16": _torchvision(VGG16),
+    "resnet50": _torchvision(lambda _dropout: ResNet50()),
+}
 
 
 def create_backbone(name: str, weights: str = "", image_size: int = 32, dropout: float = 0.5) -> Backbone:
     """The backbone called `name`; pretrained weights from the local path `weights` if given."""
-    if name == "small":
-        if weights:
-            raise DsehError("imgnet.backbone=small trains from scratch; leave imgnet.weights empty")
-        return SmallCNN(image_size, dropout)
-    if name == "cnnf":
-        if not weights:
-            raise DsehError("imgnet.backbone=cnnf needs imgnet.weights: a local imagenet-vgg-f.mat")
-        return CNNF(weights, image_size, dropout)
-    makers = {"alexnet": lambda: AlexNet(dropout), "vgg16": lambda: VGG16(dropout), "resnet50": ResNet50}
-    if name not in makers:
+    if name not in BACKBONES:
         raise DsehError(f"unknown imgnet.backbone '{name}'; choose one of {', '.join(BACKBONES)}")
-    model = makers[name]()
-    load_torchvision_weights(model, weights)
-    return model
+    return BACKBONES[name](weights, image_size, dropout)

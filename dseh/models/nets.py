@@ -1,4 +1,4 @@
-"""LabNet and ImgNet (dseh.md section 1) and the initialisation of their new layers."""
+"""LabNet and ImgNet (docs/algorithm.md) and the initialisation of their new layers."""
 
 from __future__ import annotations
 

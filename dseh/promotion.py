@@ -1,0 +1,203 @@
+"""Registry promotion: a candidate (the evaluated image network, its metric and the protocol it was
+measured under) becomes a new version of tracking.registered_model with the alias `challenger`;
+`champion` moves to it only when `decide` says so. Every decision is recorded as version tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dseh import tracking
+from dseh.config import Config
+from dseh.errors import DsehError
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+COMPARABLE_TAGS = ("dseh.metric", "dseh.protocol", "dseh.dataset_sha256")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What promotion knows of the evaluated model."""
+
+    metric: str
+    value: float
+    tags: dict[str, str]
+    collapsed: str | None  # how its codes collapsed, or None
+    dataset_sha256: str
+    image_size: int
+    bits: int
+
+    @classmethod
+    def from_metrics(cls, cfg: Config, metrics: dict, metrics_file: Path, model, data) -> Candidate:
+        """From evaluate's metrics.json, the step model (dseh.artifacts.StepModel) and its dataset."""
+        name = cfg.promote.metric
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            numeric = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            raise DsehError(
+                f"params key 'promote.metric': '{name}' is not a metric of {metrics_file}; "
+                f"choose one of {', '.join(numeric)}"
+            )
+        protocol = f"top{metrics['protocol_topk']}/{metrics['bits']}bits/{len(data.query)}q/{len(data.database)}db"
+        tags = {
+            "dseh.metric": name,
+            "dseh.metric_value": repr(float(value)),
+            "dseh.protocol": protocol,
+            "dseh.dataset_sha256": data.sha256,
+            "dseh.code_version": model.code_version,
+            "dseh.method": model.method,
+        }
+        collapsed = (
+            f"{metrics['distinct_codes_database']} distinct database codes, {metrics['constant_bits_database']} of "
+            f"{metrics['bits']} bits constant"
+            if metrics.get("collapsed")
+            else None
+        )
+        return cls(name, float(value), tags, collapsed, data.sha256, model.image_size, model.bits)
+
+
+def version_metric(v) -> float | None:
+    try:
+        return float(v.tags["dseh.metric_value"])
+    except (KeyError, ValueError):
+        return None
+
+
+def comparable(a_tags: dict, b_tags: dict) -> bool:
+    """Measured with the same metric, protocol and dataset."""
+    return all(a_tags.get(k) == b_tags.get(k) for k in COMPARABLE_TAGS)
+
+
+def current_champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def decide(
+    candidate_metric: float, candidate_tags: dict, champion, min_delta: float, collapsed: str | None = None
+) -> tuple[bool, str]:
+    """(promote?, reason) for a candidate against the current champion version (or None); a candidate
+    whose codes collapsed (`collapsed` says how) never becomes the champion, even with none yet."""
+    if collapsed:
+        return False, f"the candidate's codes collapsed ({collapsed})"
+    if champion is None:
+        return True, "no champion yet"
+    if not comparable(champion.tags, candidate_tags):
+        return False, "the champion was measured with another metric, protocol or dataset: not comparable"
+    best = version_metric(champion)
+    if best is None:
+        return True, "the champion carries no metric"
+    if candidate_metric >= best + min_delta:
+        return True, f"{candidate_metric:.6f} beats the champion's {best:.6f} by at least {min_delta}"
+    return False, f"{candidate_metric:.6f} does not beat the champion's {best:.6f} by {min_delta}"
+
+
+def settle_champion(client, name: str, attempts: int = 3) -> None:
+    """Make the champion the best of the versions ever promoted on its dataset and protocol.
+
+    MLflow has no compare-and-set: two promotions that read the same champion can write in
+    either order. Each promotion re-reads after writing and moves the alias to the best promoted
+    version, so the champion's metric never ends lower than any promoted version's."""
+    for _ in range(attempts):
+        champ = current_champion(client, name)
+        if champ is None:
+            return
+        promoted = [
+            v
+            for v in client.search_model_versions(f"name = '{name}'")
+            if v.tags.get("dseh.promoted") == "true"
+            and comparable(v.tags, champ.tags)
+            and version_metric(v) is not None
+        ]
+        if not promoted:
+            return
+        best = max(promoted, key=lambda v: (version_metric(v), -int(v.version)))
+        if best.version == champ.version:
+            return
+        if version_metric(best) <= (version_metric(champ) or float("-inf")):
+            return
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+        time.sleep(0.2)
+
+
+def _local_store_missing(uri: str) -> bool:
+    """A SQLite store that does not exist yet (nothing registered; opening it would create it)."""
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()
+
+
+def dry_run(cfg: Config, cand: Candidate) -> dict:
+    """What `register` would decide, reading the registry only; writes nothing anywhere (not even
+    the embedded store's file when it does not exist yet)."""
+    reg = cfg.tracking.registered_model
+    decision: dict = {"registered_model": reg, "metric": cand.metric, "value": cand.value, "dry_run": True}
+    if not cfg.tracking.enabled:
+        return {**decision, "decision": "skipped", "reason": "tracking.enabled is false"}
+    uri = tracking.tracking_uri()
+    champ = None
+    if not _local_store_missing(uri):
+        import mlflow
+
+        tracking.check_server(uri, cfg.tracking.timeout_s, "")
+        champ = current_champion(mlflow.MlflowClient(uri), reg)
+    ok, reason = decide(cand.value, cand.tags, champ, cfg.promote.min_delta, cand.collapsed)
+    verdict = "would promote" if ok else ("would keep the champion" if champ else "would not promote")
+    return {**decision, "decision": verdict, "reason": reason, "champion_version": getattr(champ, "version", None)}
+
+
+def register(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data) -> dict:
+    """Register the candidate (the image network of the step output `imgnet_dir`, trained on the
+    prepared `data`), alias it challenger, move champion when `decide` says so. Fails when the
+    registry cannot be reached, whatever tracking.required says (that setting is for logging while
+    training)."""
+    reg = cfg.tracking.registered_model
+    decision: dict = {"registered_model": reg, "metric": cand.metric, "value": cand.value}
+    if not cfg.tracking.enabled:
+        return {**decision, "decision": "skipped", "reason": "tracking.enabled is false"}
+    with tracking.step_run(cfg, "promote", cand.dataset_sha256, required=True) as tr:
+        decision.update(_register_and_promote(cfg, cand, imgnet_dir, data))
+        tr.log_metrics({"candidate_" + cand.metric: cand.value})
+    return decision
+
+
+def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data) -> dict:
+    import mlflow
+    import numpy as np
+
+    from dseh.models.factory import load_imgnet
+
+    client = mlflow.MlflowClient()
+    reg = cfg.tracking.registered_model
+    model, state = load_imgnet(imgnet_dir)
+    example = np.asarray(data.images[np.sort(data.query[:2])])  # two query images as the input example
+    info = tracking.log_imgnet_model(model, state.image_size, state.bits, cfg.imgnet.encode_batch_size, example)
+    version = mlflow.register_model(info.model_uri, reg, tags=cand.tags).version
+    client.set_registered_model_alias(reg, CHALLENGER, version)
+    champ = current_champion(client, reg)
+    ok, reason = decide(cand.value, cand.tags, champ, cfg.promote.min_delta, cand.collapsed)
+    champ_metric = version_metric(champ) if champ is not None else None
+    verdict = "promoted" if ok else ("kept the champion" if champ is not None else "not promoted")
+    client.set_model_version_tag(reg, version, "dseh.decision", verdict)
+    client.set_model_version_tag(reg, version, "dseh.reason", reason)
+    client.set_model_version_tag(reg, version, "dseh.champion_metric", repr(champ_metric))
+    if ok:
+        client.set_model_version_tag(reg, version, "dseh.promoted", "true")
+        client.set_registered_model_alias(reg, CHAMPION, version)
+    settle_champion(client, reg)
+    final = current_champion(client, reg)
+    return {
+        "decision": verdict,
+        "reason": reason,
+        "version": version,
+        "previous_champion_metric": champ_metric,
+        "champion_version": getattr(final, "version", None),
+        "model_uri": f"models:/{reg}@{CHAMPION}" if final is not None else None,
+    }
