@@ -10,10 +10,12 @@ import io
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -123,35 +125,96 @@ def digits_mosaic(cfg: DataConfig, seed: int) -> Source:
 # --------------------------------------------------------------------------- file sources
 
 
-def parse_list_file(text: str, name: str) -> tuple[list[str], np.ndarray]:
-    """DeepHash list format: `relative/path.jpg 0 1 0 ...` per line -> (paths, labels uint8)."""
+# A label column candidate: any number, so that `2`, `-1` or `0.5` are reported as bad labels
+# rather than taken into the path; fields are separated by spaces or tabs only.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_FIELD = re.compile(r"[^ \t]+")
+
+
+class ListFile(NamedTuple):
+    paths: list[str]
+    labels: np.ndarray  # (n, c) uint8
+    duplicates: int  # duplicate lines dropped
+
+
+def parse_list_file(text: str, name: str, image_root: str = "") -> ListFile:
+    """DeepHash list format, `relative/path.jpg 0 1 0 ...` per line -> paths, uint8 labels.
+
+    - Fields are separated by spaces or tabs. The label columns are split off from the right,
+      so a path may contain spaces (kept as written). The label count is the number of
+      numeric fields ending the first item line, and every line must end in exactly that many;
+      a line ending in more is refused as ambiguous, naming it: either it has extra labels or
+      its path's last space-separated part is a number (`photo 1`), which cannot be told from
+      a label column.
+    - A UTF-8 byte-order mark at the start is dropped; lines end in \\n or \\r\\n; blank lines
+      are skipped.
+    - Duplicates are de-duplicated, not refused: a path listed again with the same labels (the
+      same line again, or the same path spelled `a/./b.jpg`) is kept once at its first line, and
+      the dropped lines are counted (`duplicates`, recorded in the manifest) and logged as a
+      warning. The same path with different labels is refused, naming both lines.
+    - Paths must be relative and stay inside `image_root`, which the error names.
+    """
+    text = text.removeprefix("\ufeff")
     paths: list[str] = []
     rows: list[list[int]] = []
-    width = None
-    first_line = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
-        if not parts:
+    seen: dict[str, int] = {}  # normalised path -> index into paths / rows
+    first_at: list[int] = []  # line of each kept path
+    dropped: list[tuple[int, int]] = []  # (line, the earlier line it repeats)
+    width = first_line = 0
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r")
+        fields = list(_FIELD.finditer(line))
+        if not fields:
             continue
-        path, values = parts[0], parts[1:]
+        where, shown = f"{name}:{lineno}", line.strip(" \t")
+        numeric = 0
+        for m in reversed(fields):
+            if not _NUMBER.fullmatch(m.group()):
+                break
+            numeric += 1
+        if not width:
+            if numeric == 0:
+                raise DsehError(f"{where}: no labels after the path in '{shown}' (expected `path 0 1 ...`)")
+            width, first_line = numeric, lineno
+        if numeric < width:
+            raise DsehError(f"{where}: {numeric} labels, but line {first_line} has {width}")
+        if len(fields) == width:
+            raise DsehError(f"{where}: no image path before the {width} labels in '{shown}'")
+        path = line[fields[0].start() : fields[-width - 1].end()]
+        if numeric > width:
+            raise DsehError(
+                f"{where}: ends in {numeric} numbers, but line {first_line} has {width} labels: either the line "
+                f"has extra labels or its path '{path}' ends in a number, which cannot be told from a label"
+            )
+        values = [m.group() for m in fields[-width:]]
+        if any(v not in ("0", "1") for v in values):
+            raise DsehError(f"{where}: labels must be 0 or 1, got '{' '.join(values)}' after '{path}'")
         try:
-            row = [int(v) for v in values]
-        except ValueError as exc:
-            raise DsehError(f"{name}:{lineno}: labels must be 0 or 1, got '{line.strip()}'") from exc
-        if any(v not in (0, 1) for v in row):
-            raise DsehError(f"{name}:{lineno}: labels must be 0 or 1, got '{line.strip()}'")
-        if width is None:
-            width, first_line = len(row), lineno
-        elif len(row) != width:
-            raise DsehError(f"{name}:{lineno}: {len(row)} labels, but line {first_line} has {width}")
-        storage.join("root", path)  # rejects absolute and escaping paths early, naming them
-        paths.append(path)
-        rows.append(row)
+            storage.join(image_root, path)  # rejects absolute and escaping paths early, naming them
+        except DsehError as exc:
+            raise DsehError(f"{where}: {exc}") from None
+        row = [int(v) for v in values]
+        key = posixpath.normpath(path)
+        i = seen.get(key)
+        if i is None:
+            seen[key] = len(paths)
+            paths.append(path)
+            rows.append(row)
+            first_at.append(lineno)
+        elif rows[i] == row:
+            dropped.append((lineno, first_at[i]))
+        else:
+            raise DsehError(f"{where}: '{path}' is listed again with different labels (first at line {first_at[i]})")
     if not paths:
         raise DsehError(f"{name}: no items (the split is empty)")
-    if width == 0:
-        raise DsehError(f"{name}: lines carry no labels")
-    return paths, np.asarray(rows, dtype=np.uint8)
+    if dropped:
+        log.warning(
+            "%s: dropped %d duplicate line(s), keeping the first of each; e.g. line %d repeats line %d",
+            name,
+            len(dropped),
+            *dropped[0],
+        )
+    return ListFile(paths, np.asarray(rows, dtype=np.uint8), len(dropped))
 
 
 def _merge_splits(
@@ -224,11 +287,14 @@ def list_files(cfg: DataConfig, seed: int) -> Source:
     if not cfg.image_root:
         raise DsehError("params key 'data.image_root' must be set for data.source=list-files")
     files = {"train": cfg.train_list, "query": cfg.query_list, "database": cfg.database_list}
-    sources, parts = {}, {}
+    sources, parts, duplicates = {}, {}, {}
     for split, name in files.items():
         uri = storage.join(cfg.list_dir, name) if cfg.list_dir else name
         sources[split] = uri
-        parts[split] = parse_list_file(storage.read_text(uri, cfg.s3_timeout_s, cfg.s3_retries), uri)
+        parsed = parse_list_file(storage.read_text(uri, cfg.s3_timeout_s, cfg.s3_retries), uri, cfg.image_root)
+        parts[split] = (parsed.paths, parsed.labels)
+        if parsed.duplicates:
+            duplicates[uri] = parsed.duplicates
     paths, labels, splits = _merge_splits(parts, sources)
     splits["database"] = splits["database"][np.random.default_rng(seed).permutation(len(splits["database"]))]
     return Source(
@@ -238,7 +304,13 @@ def list_files(cfg: DataConfig, seed: int) -> Source:
         splits=splits,
         paths=paths,
         load_chunk=_file_loader(cfg, paths),
-        describe={"source": "list-files", "lists": sources, "image_root": cfg.image_root},
+        describe={
+            "source": "list-files",
+            "lists": sources,
+            "image_root": cfg.image_root,
+            # only when there were any, so a clean collection's manifest is unchanged
+            **({"duplicate_lines_dropped": duplicates} if duplicates else {}),
+        },
     )
 
 

@@ -35,12 +35,13 @@ def join(root: str, rel: str) -> str:
     """Join a relative item path onto a root (local folder or s3:// prefix).
 
     The item path must be relative and stay inside the root: an absolute path or one that
-    escapes with `..` is rejected, naming it.
+    escapes with `..` is rejected, naming it and the root. This check is lexical; `inside_root`
+    also follows symlinks.
     """
     if not rel:
         raise DsehError("empty image path")
     if rel.startswith("/") or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
-        raise DsehError(f"image path '{rel}' is absolute; paths must be relative to the image root")
+        raise DsehError(f"image path '{rel}' is absolute; paths must be relative to the image root '{root}'")
     norm = posixpath.normpath(rel.replace("\\", "/"))
     if norm == ".." or norm.startswith("../"):
         raise DsehError(f"image path '{rel}' escapes the image root '{root}'")
@@ -120,7 +121,15 @@ def read_bytes(uri: str, timeout_s: float = 10.0, retries: int = 3) -> bytes:
 
 
 def read_text(uri: str, timeout_s: float = 10.0, retries: int = 3) -> str:
-    return read_bytes(uri, timeout_s, retries).decode("utf-8")
+    """A UTF-8 text file or object; other encodings are refused naming the file and the line."""
+    data = read_bytes(uri, timeout_s, retries)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DsehError(
+            f"{uri}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
 
 
 @contextmanager
