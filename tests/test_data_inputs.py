@@ -1,18 +1,22 @@
-"""Hostile inputs to `prepare`: awkward list files (spaces, BOM, encodings, duplicates, escaping
-paths), and a property test of the parser."""
+"""Hostile inputs to `prepare`: every image mode, awkward list files (spaces, BOM, encodings,
+duplicates, escaping paths), and a property test of the parser."""
 
+import io
 import logging
 import posixpath
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 import dseh.data as data_mod
 from dseh import stages, storage
 from dseh.config import from_dict
-from dseh.data import PreparedData, parse_list_file
+from dseh.data import PreparedData, _to_rgb8, decode_image, parse_list_file
 from dseh.errors import DsehError
 from tests.conftest import make_list_collection, tiny_raw
 
@@ -156,3 +160,148 @@ def test_property_malformed_list_files_raise_only_dseh_error(tmp_path_factory, r
     except DsehError:
         return
     assert len(parsed.paths) == len(parsed.labels) > 0 and set(np.unique(parsed.labels)) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- image helpers
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png(rows, width: int, height: int, depth: int, color_type: int) -> bytes:
+    """A PNG written by hand from filter-0 scanlines (an iterable of bytes), streamed through
+    zlib, so 16-bit RGB (which Pillow cannot write) and huge all-zero images cost no memory."""
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(b"\x00" + row) for row in rows) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _png16(a: np.ndarray, color_type: int) -> bytes:
+    return _png((row.astype(">u2").tobytes() for row in a), a.shape[1], a.shape[0], 16, color_type)
+
+
+def _encode(im: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# A 32x32 picture with smooth gradients (mean about 125, as in the issue) and its gray version.
+_X = np.linspace(0.0, 1.0, 32)
+RGB = np.stack(
+    [np.outer(_X, np.ones(32)) * 250, np.outer(np.ones(32), _X) * 250, np.full((32, 32), 125.0)], axis=-1
+).astype(np.uint8)
+GRAY = RGB[..., 0] // 2 + RGB[..., 1] // 2
+ALPHA = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1))  # transparent left, opaque right
+
+
+def _over_white(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    c = color if color.ndim == 3 else np.repeat(color[..., None], 3, axis=2)
+    return np.rint(c * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+
+def _gray_rgb(g: np.ndarray) -> np.ndarray:
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def _palette_cases():
+    p = Image.fromarray(RGB).quantize(64)
+    ref = np.asarray(p.convert("RGB"))
+    pt = p.copy()
+    pt.info["transparency"] = 0  # palette index 0 transparent
+    idx = np.asarray(p)
+    ref_t = np.where((idx == 0)[..., None], 255, ref).astype(np.uint8)
+    pa = p.convert("PA")
+    pa.putalpha(Image.fromarray(ALPHA))
+    return {
+        "P": (_encode(p, "PNG"), ref),
+        "P+transparency": (_encode(pt, "PNG"), ref_t),
+        "PA": (_encode(pa, "TIFF"), _over_white(ref, ALPHA)),
+    }
+
+
+def _mode_cases():
+    """mode -> (encoded file, the 8-bit RGB reference of the same picture, tolerance)."""
+    g16 = GRAY.astype(np.uint16) * 257
+    rgba = np.dstack([RGB, ALPHA])
+    la = np.dstack([GRAY, ALPHA])
+    bw = GRAY > 127
+    cases = {
+        "RGB": (_encode(Image.fromarray(RGB), "PNG"), RGB, 0),
+        "L": (_encode(Image.fromarray(GRAY), "PNG"), _gray_rgb(GRAY), 0),
+        "1": (_encode(Image.fromarray(bw), "PNG"), _gray_rgb(bw.astype(np.uint8) * 255), 0),
+        "I;16 (16-bit gray PNG)": (_encode(Image.fromarray(g16), "PNG"), _gray_rgb(GRAY), 0),
+        "I;16B (TIFF)": (
+            _encode(Image.frombytes("I;16B", (32, 32), g16.astype(">u2").tobytes()), "TIFF"),
+            _gray_rgb(GRAY),
+            0,
+        ),
+        "I (32-bit TIFF)": (_encode(Image.fromarray(g16.astype(np.int32)), "TIFF"), _gray_rgb(GRAY), 0),
+        "F (float TIFF, 0..1)": (
+            _encode(Image.fromarray((GRAY / 255.0).astype(np.float32)), "TIFF"),
+            _gray_rgb(GRAY),
+            0,
+        ),
+        "16-bit RGB PNG": (_png16(RGB.astype(np.uint16) * 257, 2), RGB, 0),
+        "16-bit RGBA PNG": (_png16(rgba.astype(np.uint16) * 257, 6), _over_white(RGB, ALPHA), 1),
+        "16-bit LA PNG": (_png16(la.astype(np.uint16) * 257, 4), _over_white(GRAY, ALPHA), 1),
+        "RGBA": (_encode(Image.fromarray(rgba), "PNG"), _over_white(RGB, ALPHA), 1),
+        "LA": (_encode(Image.fromarray(la, "LA"), "PNG"), _over_white(GRAY, ALPHA), 1),
+        "CMYK": (_encode(Image.fromarray(RGB).convert("CMYK"), "TIFF"), RGB, 0),
+        "YCbCr": (_encode(Image.fromarray(RGB).convert("YCbCr"), "TIFF"), RGB, 2),
+        "LAB": (_encode(Image.fromarray(RGB).convert("LAB"), "TIFF"), RGB, 2),
+    }
+    cases.update({k: (f, ref, 0) for k, (f, ref) in _palette_cases().items()})
+    return cases
+
+
+MODE_CASES = _mode_cases()
+
+# --------------------------------------------------------------------------- image modes
+
+
+@pytest.mark.parametrize("case", sorted(MODE_CASES))
+def test_every_mode_decodes_like_the_8bit_rgb_picture(case):
+    data, ref, tol = MODE_CASES[case]
+    full = decode_image(data, 32)  # no resize: the conversion alone, pixel by pixel
+    assert full.dtype == np.uint8 and full.shape == (32, 32, 3)
+    assert np.abs(full.astype(int) - ref).mean() <= tol  # 0: exact
+    # and after the resize prepare does, against the reference resized the same way
+    small, ref_small = decode_image(data, 16), decode_image(_encode(Image.fromarray(ref), "PNG"), 16)
+    assert abs(small.mean() - ref_small.mean()) <= 0.5 + tol
+
+
+def test_16bit_png_is_not_white():
+    # the issue's numbers: a 16-bit PNG decoded nearly white (mean 254.5), not as its 8-bit twin
+    data, ref, _ = MODE_CASES["I;16 (16-bit gray PNG)"]
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    assert abs(decode_image(data, 16).mean() - ref.mean()) < 1 and ref.mean() < 200
+
+
+@pytest.mark.parametrize("mode", ["HSV", "RGBX", "RGBa", "La", "I;16L", "I;16N"])
+def test_modes_no_file_format_writes_are_converted_too(mode):
+    # modes Pillow produces but PNG/TIFF do not write: converted in memory against the reference
+    rgb = Image.fromarray(RGB)
+    if mode in ("I;16L", "I;16N"):
+        im, ref = Image.frombytes(mode, (32, 32), (GRAY.astype("<u2") * 257).tobytes()), _gray_rgb(GRAY)
+    elif mode == "La":
+        opaque = Image.fromarray(np.dstack([GRAY, np.full_like(GRAY, 255)]), "LA")
+        im, ref = opaque.convert("La"), _gray_rgb(GRAY)  # opaque: premultiplying changes nothing
+    elif mode == "RGBa":
+        im, ref = rgb.convert("RGBA").convert("RGBa"), RGB
+    else:
+        im, ref = rgb.convert(mode), RGB
+    got = np.asarray(_to_rgb8(im))
+    assert np.abs(got.astype(int) - ref).mean() <= 1
+
+
+def test_unknown_mode_is_a_bad_image():
+    class Odd:  # a mode this code has no rule for (Pillow adds some now and then)
+        mode = "XYZ"
+        has_transparency_data = False
+
+    with pytest.raises(DsehError, match="unsupported image mode XYZ"):
+        _to_rgb8(Odd())
