@@ -34,6 +34,7 @@ class DataConfig:
     n_train: int = 5000
     n_query: int = 1000
     skip_bad_images: bool = False
+    max_pixels: int = 89_478_485  # larger images are refused from their header, before decoding (Pillow's limit)
     chunk_size: int = 512
     workers: int = 4  # threads decoding images
     s3_timeout_s: float = 10.0

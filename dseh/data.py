@@ -47,8 +47,8 @@ class Source:
     classes: list[str]
     splits: dict[str, np.ndarray]  # split -> item indices
     paths: list[str] | None  # per item, relative to the image root; None for built-in data
-    load_chunk: Callable[[np.ndarray], tuple[np.ndarray, list[int]]]
-    # load_chunk(indices) -> (uint8 images (n, H, W, 3), positions within the chunk that failed)
+    load_chunk: Callable[[np.ndarray], tuple[np.ndarray, dict[int, str]]]
+    # load_chunk(indices) -> (uint8 images (n, H, W, 3), {position within the chunk: why it failed})
     describe: dict
 
 
@@ -103,9 +103,9 @@ def digits_mosaic(cfg: DataConfig, seed: int) -> Source:
     database = cfg.n_query + rng.permutation(cfg.n_database)
     train = database[: cfg.n_train].copy()
 
-    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
         img = gray[idx].repeat(scale, axis=1).repeat(scale, axis=2)
-        return np.repeat(img[..., None], 3, axis=3), []
+        return np.repeat(img[..., None], 3, axis=3), {}
 
     return Source(
         name="digits-mosaic",
@@ -290,11 +290,22 @@ def _to_rgb8(im):
     raise BadImage(f"unsupported image mode {mode}")
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 (size, size, 3) RGB (modes as in `_to_rgb8`), bilinear resize."""
+def decode_image(data: bytes, size: int, max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
+    """Encoded image bytes -> uint8 (size, size, 3) RGB (modes as in `_to_rgb8`), bilinear resize.
+
+    The pixel count is read from the header (Image.open decodes nothing) and an image over
+    `max_pixels` is refused before any pixel is decoded, so a small file of huge dimensions (a
+    decompression bomb) costs no memory."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused by Pillow first
+        raise BadImage(f"too large to decode ({exc})") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise BadImage(f"{w}x{h} = {w * h:,} pixels, over data.max_pixels = {max_pixels:,}")
         im = _to_rgb8(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
@@ -302,28 +313,34 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 
 def _file_loader(cfg: DataConfig, paths: Sequence[str]) -> Callable:
-    pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers))
+    if cfg.max_pixels < 1:
+        raise DsehError(f"params key 'data.max_pixels' must be at least 1, got {cfg.max_pixels}")
 
-    def load_one(i: int) -> np.ndarray | None:
-        uri = storage.join(cfg.image_root, paths[i])
-        try:
-            data = storage.read_bytes(uri, cfg.s3_timeout_s, cfg.s3_retries)
-        except MissingObject:
-            return None
-        try:
-            return decode_image(data, cfg.image_size)
-        except Exception:  # noqa: BLE001 - Pillow raises many types for corrupt files
-            return None
-
-    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
         out = np.zeros((len(idx), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
-        bad = []
-        for pos, img in enumerate(pool.map(load_one, idx.tolist())):
-            if img is None:
-                bad.append(pos)
-            else:
-                out[pos] = img
-        return out, bad
+
+        def load_one(pos: int) -> str | None:
+            """Decode item idx[pos] into out[pos]; the reason it is bad, or None."""
+            uri = storage.join(cfg.image_root, paths[idx[pos]])
+            try:
+                data = storage.read_bytes(uri, cfg.s3_timeout_s, cfg.s3_retries)
+            except MissingObject:
+                return "does not exist"
+            try:
+                out[pos] = decode_image(data, cfg.image_size, cfg.max_pixels)
+            except BadImage as exc:
+                return str(exc)
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
+                return f"cannot be decoded: {exc}"
+            return None
+
+        # Each image is decoded straight into `out` (no other copy of results is held) by a pool
+        # that lives for one chunk with no more threads than images in it: at most chunk_size
+        # images are in flight however large data.workers is, each under data.max_pixels while
+        # decoding. An error (S3 access denied) cancels those not yet started.
+        with ThreadPoolExecutor(max_workers=max(1, min(cfg.workers, len(idx)))) as pool:
+            reasons = list(pool.map(load_one, range(len(idx))))
+        return out, {pos: why for pos, why in enumerate(reasons) if why is not None}
 
     return load_chunk
 
@@ -464,19 +481,21 @@ def write_prepared(src: Source, cfg: DataConfig, seed: int, out: Path, progress:
         chunks = range(0, n, cfg.chunk_size)
         for start in tqdm(chunks, desc="prepare", unit="chunk", leave=False, disable=not progress):
             idx = np.arange(start, min(n, start + cfg.chunk_size))
-            chunk, bad = src.load_chunk(idx)
-            if bad:
+            chunk, reasons = src.load_chunk(idx)
+            if reasons:
+                bad = sorted(reasons)
                 names = [src.paths[idx[b]] if src.paths else str(idx[b]) for b in bad]
+                shown = ", ".join(f"{n} ({reasons[b]})" for n, b in zip(names[:5], bad))
                 if not cfg.skip_bad_images:
-                    shown = ", ".join(names[:5])
                     raise DsehError(
                         f"{len(bad)} missing or unreadable image(s) under '{cfg.image_root}', first: {shown} "
                         "(set data.skip_bad_images=true to skip and count them)"
                     )
+                log.warning("skipping %d bad image(s): %s", len(bad), shown)
                 keep[idx[bad]] = False
                 bad_paths += names
                 chunk = np.delete(chunk, bad, axis=0)
-            f.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
+            f.write(np.ascontiguousarray(chunk, dtype=np.uint8).data)  # the buffer itself, no bytes copy
         n_good = int(keep.sum())
         if n_good != n:
             f.seek(0)

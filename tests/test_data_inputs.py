@@ -1,10 +1,12 @@
-"""Hostile inputs to `prepare`: every image mode, awkward list files (spaces, BOM, encodings,
-duplicates, escaping paths), and a property test of the parser."""
+"""Hostile inputs to `prepare`: every image mode, decompression bombs, awkward list files (spaces,
+BOM, encodings, duplicates, escaping paths), and a property test of the parser."""
 
 import io
 import logging
 import posixpath
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -305,3 +307,82 @@ def test_unknown_mode_is_a_bad_image():
 
     with pytest.raises(DsehError, match="unsupported image mode XYZ"):
         _to_rgb8(Odd())
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+
+def _bomb(side: int) -> bytes:
+    """A 1-bit side x side PNG of zeros: a few KB on disk, side**2 bytes once Pillow decodes it."""
+    row = bytes(-(-side // 8))
+    return _png((row for _ in range(side)), side, side, 1, 0)
+
+
+@pytest.fixture
+def no_decode_over(monkeypatch):
+    """Fails the test if any image of more than 1e6 pixels gets its pixels decoded."""
+    from PIL import ImageFile
+
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        assert self.size[0] * self.size[1] <= 1_000_000, f"decoded a {self.size} image"
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_refused_from_the_header_or_skipped(tmp_path, no_decode_over):
+    col = tmp_path / "col"
+    make_list_collection(col)
+    bomb = _bomb(13000)
+    assert len(bomb) < 100_000
+    (col / "images/img/004.png").write_bytes(bomb)
+    with pytest.raises(DsehError) as e:
+        _prepare(col, tmp_path / "out")
+    msg = str(e.value)
+    assert "img/004.png (13000x13000 = 169,000,000 pixels, over data.max_pixels = 89,478,485)" in msg
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["col"]
+    d = _prepare(col, tmp_path / "out", skip_bad_images=True)
+    assert d.manifest["skipped_images"] == 1 and d.manifest["skipped_examples"] == ["img/004.png"]
+    assert len(d.labels) == 11
+
+
+def test_max_pixels_is_a_params_key(tmp_path):
+    col = tmp_path / "col"
+    make_list_collection(col)  # 12x12 images = 144 pixels
+    with pytest.raises(DsehError, match=r"12x12 = 144 pixels, over data.max_pixels = 100"):
+        _prepare(col, tmp_path / "out", max_pixels=100)
+    with pytest.raises(DsehError, match="data.max_pixels' must be at least 1, got 0"):
+        _prepare(col, tmp_path / "out", max_pixels=0)
+    assert _prepare(col, tmp_path / "out", max_pixels=144).images.shape[0] == 12
+
+
+def test_bomb_beyond_pillows_own_limit_is_a_bad_image_too(no_decode_over):
+    with pytest.raises(DsehError, match="too large to decode"):
+        decode_image(_bomb(20000), 16, max_pixels=10**12)  # Pillow refuses over 2 x 89,478,485 first
+
+
+def test_decoding_holds_at_most_a_chunk_whatever_the_workers(tmp_path, monkeypatch):
+    col = tmp_path / "col"
+    make_list_collection(col)
+    ref = _prepare(col, tmp_path / "ref", workers=1)
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+    real = data_mod.decode_image
+
+    def counting(*args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        try:
+            time.sleep(0.02)  # long enough for every free worker to start one
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(data_mod, "decode_image", counting)
+    d = _prepare(col, tmp_path / "out", workers=16, chunk_size=3)
+    assert 2 <= state["peak"] <= 3  # parallel, but never more than a chunk
+    assert np.array_equal(np.asarray(d.images), np.asarray(ref.images))
