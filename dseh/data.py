@@ -321,7 +321,7 @@ def _file_loader(cfg: DataConfig, paths: Sequence[str]) -> Callable:
 
         def load_one(pos: int) -> str | None:
             """Decode item idx[pos] into out[pos]; the reason it is bad, or None."""
-            uri = storage.join(cfg.image_root, paths[idx[pos]])
+            uri = storage.inside_root(cfg.image_root, paths[idx[pos]])  # a link out of the root: refused
             try:
                 data = storage.read_bytes(uri, cfg.s3_timeout_s, cfg.s3_retries)
             except MissingObject:
@@ -337,7 +337,7 @@ def _file_loader(cfg: DataConfig, paths: Sequence[str]) -> Callable:
         # Each image is decoded straight into `out` (no other copy of results is held) by a pool
         # that lives for one chunk with no more threads than images in it: at most chunk_size
         # images are in flight however large data.workers is, each under data.max_pixels while
-        # decoding. An error (S3 access denied) cancels those not yet started.
+        # decoding. An error (a link out of the root) cancels those not yet started.
         with ThreadPoolExecutor(max_workers=max(1, min(cfg.workers, len(idx)))) as pool:
             reasons = list(pool.map(load_one, range(len(idx))))
         return out, {pos: why for pos, why in enumerate(reasons) if why is not None}

@@ -50,6 +50,25 @@ def join(root: str, rel: str) -> str:
     return str(Path(root) / norm) if root else norm
 
 
+def inside_root(root: str, rel: str) -> str:
+    """`join(root, rel)`, and for a local root the path with symlinks resolved, refused when it
+    lands outside the (resolved) root: a link inside the image folder must not expose other files.
+
+    The resolved path is what the caller reads, so the file checked is the file read (short of
+    someone swapping links while `prepare` runs). S3 keys have no links; they are only joined.
+    """
+    uri = join(root, rel)
+    if is_s3(root):
+        return uri
+    real_root = os.path.realpath(root or ".")
+    real = os.path.realpath(uri)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise DsehError(
+            f"image path '{rel}' resolves to '{real}', outside the image root '{root}' (symlinks are followed)"
+        )
+    return real
+
+
 _local = threading.local()
 
 

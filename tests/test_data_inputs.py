@@ -1,8 +1,9 @@
-"""Hostile inputs to `prepare`: every image mode, decompression bombs, awkward list files (spaces,
-BOM, encodings, duplicates, escaping paths), and a property test of the parser."""
+"""Hostile inputs to `prepare`: every image mode, decompression bombs, symlinks out of the image
+root, awkward list files (spaces, BOM, encodings, duplicates), and a property test of the parser."""
 
 import io
 import logging
+import os
 import posixpath
 import struct
 import threading
@@ -385,4 +386,35 @@ def test_decoding_holds_at_most_a_chunk_whatever_the_workers(tmp_path, monkeypat
     monkeypatch.setattr(data_mod, "decode_image", counting)
     d = _prepare(col, tmp_path / "out", workers=16, chunk_size=3)
     assert 2 <= state["peak"] <= 3  # parallel, but never more than a chunk
+    assert np.array_equal(np.asarray(d.images), np.asarray(ref.images))
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+def test_symlink_out_of_the_image_root_is_refused(tmp_path):
+    col = tmp_path / "col"
+    make_list_collection(col)
+    secret = tmp_path / "secret.png"
+    (col / "images/img/000.png").rename(secret)
+    (col / "images/img/000.png").symlink_to(secret)
+    root = str(col / "images")
+    for skip in (False, True):  # not a bad image to skip: the list or the tree must be fixed
+        with pytest.raises(DsehError) as e:
+            _prepare(col, tmp_path / "out", skip_bad_images=skip)
+        assert str(e.value) == (
+            f"image path 'img/000.png' resolves to '{os.path.realpath(secret)}', outside the image root "
+            f"'{root}' (symlinks are followed)"
+        )
+        assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["col", "secret.png"]
+
+
+def test_symlinks_inside_the_root_and_a_linked_root_are_fine(tmp_path):
+    col = tmp_path / "col"
+    make_list_collection(col)
+    ref = _prepare(col, tmp_path / "ref")
+    (col / "images/img/001.jpg").rename(col / "images/moved.jpg")
+    (col / "images/img/001.jpg").symlink_to("../moved.jpg")
+    (tmp_path / "linked").symlink_to(col / "images")
+    d = _prepare(col, tmp_path / "out", image_root=str(tmp_path / "linked"))
     assert np.array_equal(np.asarray(d.images), np.asarray(ref.images))
