@@ -19,6 +19,7 @@ import yaml
 
 from dseh.data import SOURCES
 from dseh.errors import DsehError
+from dseh.images import MAX_PIXELS
 from dseh.methods import DEEP_METHODS, METHODS
 from dseh.models.backbones import BACKBONES
 from dseh.reads import paused
@@ -41,6 +42,7 @@ class DataConfig:
     n_train: int = 5000
     n_query: int = 1000
     skip_bad_images: bool = False
+    max_pixels: int = MAX_PIXELS  # larger images are refused from their header, before decoding (Pillow's limit)
     chunk_size: int = 512
     workers: int = 4  # threads decoding images
     s3_timeout_s: float = 10.0
@@ -356,6 +358,7 @@ def _validate(cfg: Config) -> None:
         (cfg.imgnet.encode_batch_size >= 1, "imgnet.encode_batch_size", "must be positive"),
         (cfg.data.image_size >= 8, "data.image_size", "must be at least 8"),
         (cfg.data.chunk_size >= 1, "data.chunk_size", "must be positive"),
+        (cfg.data.max_pixels >= 1, "data.max_pixels", "must be at least 1"),
         (cfg.data.workers >= 1, "data.workers", "must be at least 1"),
         (cfg.data.s3_timeout_s > 0, "data.s3_timeout_s", "must be positive"),
         (cfg.data.s3_retries >= 0, "data.s3_retries", "must not be negative"),

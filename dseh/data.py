@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -20,6 +19,8 @@ import numpy as np
 
 from dseh import storage
 from dseh.errors import DsehError, MissingObject
+from dseh.images import BadImage, decode_image
+from dseh.listfile import parse_list_file
 
 if TYPE_CHECKING:
     from dseh.config import DataConfig
@@ -48,8 +49,8 @@ class Source:
     classes: list[str]
     splits: dict[str, np.ndarray]  # split -> item indices
     paths: list[str] | None  # per item, relative to the image root; None for built-in data
-    load_chunk: Callable[[np.ndarray], tuple[np.ndarray, list[int]]]
-    # load_chunk(indices) -> (uint8 images (n, H, W, 3), positions within the chunk that failed)
+    load_chunk: Callable[[np.ndarray], tuple[np.ndarray, dict[int, str]]]
+    # load_chunk(indices) -> (uint8 images (n, H, W, 3), {position within the chunk: why it failed})
     describe: dict
 
 
@@ -104,9 +105,9 @@ def digits_mosaic(cfg: DataConfig, seed: int) -> Source:
     database = cfg.n_query + rng.permutation(cfg.n_database)
     train = database[: cfg.n_train].copy()
 
-    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
         img = gray[idx].repeat(scale, axis=1).repeat(scale, axis=2)
-        return np.repeat(img[..., None], 3, axis=3), []
+        return np.repeat(img[..., None], 3, axis=3), {}
 
     return Source(
         name="digits-mosaic",
@@ -124,37 +125,6 @@ def digits_mosaic(cfg: DataConfig, seed: int) -> Source:
 
 
 # --------------------------------------------------------------------------- file sources
-
-
-def parse_list_file(text: str, name: str) -> tuple[list[str], np.ndarray]:
-    """DeepHash list format: `relative/path.jpg 0 1 0 ...` per line -> (paths, labels uint8)."""
-    paths: list[str] = []
-    rows: list[list[int]] = []
-    width = None
-    first_line = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        path, values = parts[0], parts[1:]
-        try:
-            row = [int(v) for v in values]
-        except ValueError as exc:
-            raise DsehError(f"{name}:{lineno}: labels must be 0 or 1, got '{line.strip()}'") from exc
-        if any(v not in (0, 1) for v in row):
-            raise DsehError(f"{name}:{lineno}: labels must be 0 or 1, got '{line.strip()}'")
-        if width is None:
-            width, first_line = len(row), lineno
-        elif len(row) != width:
-            raise DsehError(f"{name}:{lineno}: {len(row)} labels, but line {first_line} has {width}")
-        storage.join("root", path)  # rejects absolute and escaping paths early, naming them
-        paths.append(path)
-        rows.append(row)
-    if not paths:
-        raise DsehError(f"{name}: no items (the split is empty)")
-    if width == 0:
-        raise DsehError(f"{name}: lines carry no labels")
-    return paths, np.asarray(rows, dtype=np.uint8)
 
 
 def _merge_splits(
@@ -185,39 +155,33 @@ def _merge_splits(
     return paths, np.stack(label_rows), splits
 
 
-def _decode(data: bytes, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-
-
 def _file_loader(cfg: DataConfig, paths: Sequence[str]) -> Callable:
-    pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers))
 
-    def load_one(i: int) -> np.ndarray | None:
-        uri = storage.join(cfg.image_root, paths[i])
-        try:
-            data = storage.read_bytes(uri, cfg.s3_timeout_s, cfg.s3_retries)
-        except MissingObject:
-            return None
-        try:
-            return _decode(data, cfg.image_size)
-        except Exception:  # noqa: BLE001 - Pillow raises many types for corrupt files
-            return None
-
-    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
         out = np.zeros((len(idx), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
-        bad = []
-        for pos, img in enumerate(pool.map(load_one, idx.tolist())):
-            if img is None:
-                bad.append(pos)
-            else:
-                out[pos] = img
-        return out, bad
+
+        def load_one(pos: int) -> str | None:
+            """Decode item idx[pos] into out[pos]; the reason it is bad, or None."""
+            uri = storage.inside_root(cfg.image_root, paths[idx[pos]])  # a link out of the root: refused
+            try:
+                data = storage.read_bytes(uri, cfg.s3_timeout_s, cfg.s3_retries)
+            except MissingObject:
+                return "does not exist"
+            try:
+                out[pos] = decode_image(data, cfg.image_size, cfg.max_pixels)
+            except BadImage as exc:
+                return str(exc)
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
+                return f"cannot be decoded: {exc}"
+            return None
+
+        # Each image is decoded straight into `out` (no other copy of results is held) by a pool
+        # that lives for one chunk with no more threads than images in it: at most chunk_size
+        # images are in flight however large data.workers is, each under data.max_pixels while
+        # decoding. An error (a link out of the root) cancels those not yet started.
+        with ThreadPoolExecutor(max_workers=max(1, min(cfg.workers, len(idx)))) as pool:
+            reasons = list(pool.map(load_one, range(len(idx))))
+        return out, {pos: why for pos, why in enumerate(reasons) if why is not None}
 
     return load_chunk
 
@@ -227,11 +191,14 @@ def list_files(cfg: DataConfig, seed: int) -> Source:
     if not cfg.image_root:
         raise DsehError("params key 'data.image_root' must be set for data.source=list-files")
     files = {"train": cfg.train_list, "query": cfg.query_list, "database": cfg.database_list}
-    sources, parts = {}, {}
+    sources, parts, duplicates = {}, {}, {}
     for split, name in files.items():
         uri = storage.join(cfg.list_dir, name) if cfg.list_dir else name
         sources[split] = uri
-        parts[split] = parse_list_file(storage.read_text(uri, cfg.s3_timeout_s, cfg.s3_retries), uri)
+        parsed = parse_list_file(storage.read_text(uri, cfg.s3_timeout_s, cfg.s3_retries), uri, cfg.image_root)
+        parts[split] = (parsed.paths, parsed.labels)
+        if parsed.duplicates:
+            duplicates[uri] = parsed.duplicates
     paths, labels, splits = _merge_splits(parts, sources)
     splits["database"] = splits["database"][np.random.default_rng(seed).permutation(len(splits["database"]))]
     return Source(
@@ -241,7 +208,13 @@ def list_files(cfg: DataConfig, seed: int) -> Source:
         splits=splits,
         paths=paths,
         load_chunk=_file_loader(cfg, paths),
-        describe={"source": "list-files", "lists": sources, "image_root": cfg.image_root},
+        describe={
+            "source": "list-files",
+            "lists": sources,
+            "image_root": cfg.image_root,
+            # only when there were any, so a clean collection's manifest is unchanged
+            **({"duplicate_lines_dropped": duplicates} if duplicates else {}),
+        },
     )
 
 
@@ -349,19 +322,21 @@ def write_prepared(src: Source, cfg: DataConfig, seed: int, out: Path, progress:
         chunks = range(0, n, cfg.chunk_size)
         for start in tqdm(chunks, desc="prepare", unit="chunk", leave=False, disable=not progress):
             idx = np.arange(start, min(n, start + cfg.chunk_size))
-            chunk, bad = src.load_chunk(idx)
-            if bad:
+            chunk, reasons = src.load_chunk(idx)
+            if reasons:
+                bad = sorted(reasons)
                 names = [src.paths[idx[b]] if src.paths else str(idx[b]) for b in bad]
+                shown = ", ".join(f"{n} ({reasons[b]})" for n, b in zip(names[:5], bad))
                 if not cfg.skip_bad_images:
-                    shown = ", ".join(names[:5])
                     raise DsehError(
                         f"{len(bad)} missing or unreadable image(s) under '{cfg.image_root}', first: {shown} "
                         "(set data.skip_bad_images=true to skip and count them)"
                     )
+                log.warning("skipping %d bad image(s): %s", len(bad), shown)
                 keep[idx[bad]] = False
                 bad_paths += names
                 chunk = np.delete(chunk, bad, axis=0)
-            f.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
+            f.write(np.ascontiguousarray(chunk, dtype=np.uint8).data)  # the buffer itself, no bytes copy
         n_good = int(keep.sum())
         if n_good != n:
             f.seek(0)

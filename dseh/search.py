@@ -9,7 +9,7 @@ import numpy as np
 
 from dseh.artifacts import CODES
 from dseh.codes import pack
-from dseh.data import PreparedData, _decode
+from dseh.data import PreparedData, decode_image
 from dseh.encoder import encode_images
 from dseh.errors import DsehError
 from dseh.models.factory import load_imgnet
@@ -25,7 +25,7 @@ def load_query_images(paths: list[str], size: int) -> np.ndarray:
         if not f.is_file():
             raise DsehError(f"query image {p} does not exist")
         try:
-            out[i] = _decode(f.read_bytes(), size)
+            out[i] = decode_image(f.read_bytes(), size)
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types
             raise DsehError(f"query image {p} cannot be decoded: {exc}") from exc
     return out

@@ -35,18 +35,38 @@ def join(root: str, rel: str) -> str:
     """Join a relative item path onto a root (local folder or s3:// prefix).
 
     The item path must be relative and stay inside the root: an absolute path or one that
-    escapes with `..` is rejected, naming it.
+    escapes with `..` is rejected, naming it and the root. This check is lexical; `inside_root`
+    also follows symlinks.
     """
     if not rel:
         raise DsehError("empty image path")
     if rel.startswith("/") or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
-        raise DsehError(f"image path '{rel}' is absolute; paths must be relative to the image root")
+        raise DsehError(f"image path '{rel}' is absolute; paths must be relative to the image root '{root}'")
     norm = posixpath.normpath(rel.replace("\\", "/"))
     if norm == ".." or norm.startswith("../"):
         raise DsehError(f"image path '{rel}' escapes the image root '{root}'")
     if is_s3(root):
         return root.rstrip("/") + "/" + norm
     return str(Path(root) / norm) if root else norm
+
+
+def inside_root(root: str, rel: str) -> str:
+    """`join(root, rel)`, and for a local root the path with symlinks resolved, refused when it
+    lands outside the (resolved) root: a link inside the image folder must not expose other files.
+
+    The resolved path is what the caller reads, so the file checked is the file read (short of
+    someone swapping links while `prepare` runs). S3 keys have no links; they are only joined.
+    """
+    uri = join(root, rel)
+    if is_s3(root):
+        return uri
+    real_root = os.path.realpath(root or ".")
+    real = os.path.realpath(uri)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise DsehError(
+            f"image path '{rel}' resolves to '{real}', outside the image root '{root}' (symlinks are followed)"
+        )
+    return real
 
 
 _local = threading.local()
@@ -120,7 +140,15 @@ def read_bytes(uri: str, timeout_s: float = 10.0, retries: int = 3) -> bytes:
 
 
 def read_text(uri: str, timeout_s: float = 10.0, retries: int = 3) -> str:
-    return read_bytes(uri, timeout_s, retries).decode("utf-8")
+    """A UTF-8 text file or object; other encodings are refused naming the file and the line."""
+    data = read_bytes(uri, timeout_s, retries)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DsehError(
+            f"{uri}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
 
 
 @contextmanager
