@@ -22,6 +22,7 @@ from dseh.errors import DsehError
 from dseh.images import MAX_PIXELS
 from dseh.methods import DEEP_METHODS, METHODS
 from dseh.models.backbones import BACKBONES
+from dseh.overrides import apply_overrides
 from dseh.reads import paused
 
 
@@ -282,37 +283,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`labnet.epochs=[5,3]` -> (['labnet', 'epochs'], [5, 3]); the value is parsed as YAML,
-    the same syntax as `dvc exp run -S`."""
-    if "=" not in text:
-        raise DsehError(f"override '{text}' is not of the form key.sub=value")
-    key, value = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise DsehError(f"override '{text}' has an empty key part")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise DsehError(f"override '{text}': value is not valid YAML ({exc})") from exc
-    return parts, parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Return a copy of the raw params dict with each `key.sub=value` applied."""
-    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = out
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise DsehError(f"override '{text}': '{part}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
 def from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
     """Build and validate a Config from a params mapping plus overrides."""
     cfg = _build(Config, apply_overrides(raw or {}, overrides or []), "")
@@ -343,46 +313,48 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
     return from_dict(raw, overrides)
 
 
-_EPOCHS = "must train at least 1 epoch in the first round and never a negative number"
+# the smallest allowed value of numeric keys (of each element, for lists); the largest for some
+_AT_LEAST: dict[str, float] = {
+    "seed": 0, "bits": 1, "train.rounds": 1, "labnet.batch_size": 1, "imgnet.batch_size": 1,
+    "labnet.epochs": 0, "imgnet.epochs": 0, "imgnet.encode_batch_size": 1, "data.image_size": 8,
+    "data.chunk_size": 1, "data.max_pixels": 1, "data.workers": 1, "data.s3_retries": 0, "evaluate.topk": 1,
+    "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
+    "train.step_epochs": 1, "train.clip_value": 0, "train.threads": 0, "train.loader_workers": 0,
+    "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "baseline.hashnet_step_size": 1,
+}  # fmt: skip
+_AT_MOST = {"bits": 4096, "sweep.bits": 4096, "compare.bits": 4096}
+_ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction")
 
 
 def _validate(cfg: Config) -> None:
-    checks = [
-        (cfg.seed >= 0, "seed", "must not be negative"),
-        (cfg.bits >= 1 and cfg.bits <= 4096, "bits", "must be between 1 and 4096"),
-        (cfg.train.rounds >= 1, "train.rounds", "must be at least 1"),
-        (cfg.labnet.batch_size >= 1, "labnet.batch_size", "must be positive"),
-        (cfg.imgnet.batch_size >= 1, "imgnet.batch_size", "must be positive"),
-        (min(cfg.labnet.epochs) >= 0 and cfg.labnet.epochs[0] >= 1, "labnet.epochs", _EPOCHS),
-        (min(cfg.imgnet.epochs) >= 0 and cfg.imgnet.epochs[0] >= 1, "imgnet.epochs", _EPOCHS),
-        (cfg.imgnet.encode_batch_size >= 1, "imgnet.encode_batch_size", "must be positive"),
-        (cfg.data.image_size >= 8, "data.image_size", "must be at least 8"),
-        (cfg.data.chunk_size >= 1, "data.chunk_size", "must be positive"),
-        (cfg.data.max_pixels >= 1, "data.max_pixels", "must be at least 1"),
-        (cfg.data.workers >= 1, "data.workers", "must be at least 1"),
-        (cfg.data.s3_timeout_s > 0, "data.s3_timeout_s", "must be positive"),
-        (cfg.data.s3_retries >= 0, "data.s3_retries", "must not be negative"),
-        (cfg.evaluate.topk >= 1, "evaluate.topk", "must be positive"),
-        (min(cfg.evaluate.precision_at) >= 1, "evaluate.precision_at", "must hold positive list lengths"),
-        (cfg.evaluate.radius >= 0, "evaluate.radius", "must not be negative"),
-        (cfg.evaluate.query_chunk >= 1, "evaluate.query_chunk", "must be positive"),
-        (cfg.evaluate.collapse_min_distinct >= 1, "evaluate.collapse_min_distinct", "must be at least 1"),
-        (cfg.train.step_epochs >= 1, "train.step_epochs", "must be positive"),
-        (cfg.train.clip_value >= 0, "train.clip_value", "must not be negative (0: no clipping)"),
-        (cfg.train.threads >= 0, "train.threads", "must not be negative (0: torch's default)"),
-        (cfg.train.loader_workers >= 0, "train.loader_workers", "must not be negative (0: chosen per device)"),
-        (cfg.tracking.timeout_s > 0, "tracking.timeout_s", "must be positive"),
-        (all(1 <= b <= 4096 for b in cfg.sweep.bits), "sweep.bits", "must hold code lengths between 1 and 4096"),
-        (all(1 <= b <= 4096 for b in cfg.compare.bits), "compare.bits", "must hold code lengths between 1 and 4096"),
-        (0 < cfg.compare.val_fraction < 1, "compare.val_fraction", "must be between 0 and 1"),
-        (cfg.compare.jobs >= 1, "compare.jobs", "must be at least 1"),
-        (min(cfg.compare.seeds) >= 0, "compare.seeds", "must not hold a negative seed"),
-        (cfg.baseline.hashnet_step_size >= 1, "baseline.hashnet_step_size", "must be positive"),
-        (len(set(cfg.compare.seeds)) == len(cfg.compare.seeds), "compare.seeds", "must not repeat a seed"),
-    ]
-    for ok, key, why in checks:
-        if not ok:
-            raise DsehError(f"params key '{key}' {why}")
+    _check_ranges(dict(_leaves(to_dict(cfg))))
+    for key in ("labnet.epochs", "imgnet.epochs"):
+        if value(cfg, key)[0] < 1:
+            raise DsehError(f"params key '{key}' must train at least 1 epoch in the first round, got {value(cfg, key)}")
+    if cfg.compare.val_fraction >= 1:
+        raise DsehError(f"params key 'compare.val_fraction' must be below 1, got {cfg.compare.val_fraction}")
+    if len(set(cfg.compare.seeds)) != len(cfg.compare.seeds):
+        raise DsehError("params key 'compare.seeds' must not repeat a seed")
+    _check_compare_methods(cfg)
+
+
+def _check_ranges(flat: dict[str, Any]) -> None:
+    """_AT_LEAST, _AT_MOST and _ABOVE_ZERO, each broken rule one message naming the key and value."""
+    for key, lo in _AT_LEAST.items():
+        bad = [v for v in _as_list(flat[key]) if v < lo]
+        if bad:
+            rule = "must not be negative" if lo == 0 else f"must be at least {lo:g}"
+            raise DsehError(f"params key '{key}' {rule}, got {bad[0]}")
+    for key, hi in _AT_MOST.items():
+        bad = [v for v in _as_list(flat[key]) if v > hi]
+        if bad:
+            raise DsehError(f"params key '{key}' must be at most {hi}, got {bad[0]}")
+    for key in _ABOVE_ZERO:
+        if not flat[key] > 0:
+            raise DsehError(f"params key '{key}' must be positive, got {flat[key]}")
+
+
+def _check_compare_methods(cfg: Config) -> None:
     for m in cfg.compare.methods:
         if m not in METHODS:
             raise DsehError(f"params key 'compare.methods': {m!r} is not one of {', '.join(METHODS)}")
@@ -392,6 +364,17 @@ def _validate(cfg: Config) -> None:
             "params keys 'compare.trials_*': every deep method gets the same number of tuning trials, got "
             + ", ".join(f"{m} {n}" for m, n in counts.items())
         )
+
+
+def _leaves(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return out
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def trials(cfg: Config, method: str) -> list[list[str]]:

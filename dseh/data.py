@@ -199,22 +199,29 @@ def list_files(cfg: DataConfig, seed: int) -> Source:
         parts[split] = (parsed.paths, parsed.labels)
         if parsed.duplicates:
             duplicates[uri] = parsed.duplicates
+    describe = {"source": "list-files", "lists": sources, "image_root": cfg.image_root}
+    if duplicates:  # only when there were any, so a clean collection's manifest is unchanged
+        describe["duplicate_lines_dropped"] = duplicates
+    return _file_source(cfg, seed, parts, sources, describe, with_train=False)
+
+
+def _file_source(cfg: DataConfig, seed: int, parts: dict, sources: dict, describe: dict, with_train: bool) -> Source:
+    """A Source over image files from per-split (paths, labels): items merged by path, the
+    database in a seeded order (with the training items too when `with_train`, as in the DSEH
+    release's HDF5 protocol)."""
     paths, labels, splits = _merge_splits(parts, sources)
-    splits["database"] = splits["database"][np.random.default_rng(seed).permutation(len(splits["database"]))]
+    database = splits["database"]
+    if with_train:
+        database = np.unique(np.concatenate([splits["train"], database]))
+    splits["database"] = database[np.random.default_rng(seed).permutation(len(database))]
     return Source(
-        name="list-files",
+        name=describe["source"],
         labels=labels,
         classes=[str(i) for i in range(labels.shape[1])],
         splits=splits,
         paths=paths,
         load_chunk=_file_loader(cfg, paths),
-        describe={
-            "source": "list-files",
-            "lists": sources,
-            "image_root": cfg.image_root,
-            # only when there were any, so a clean collection's manifest is unchanged
-            **({"duplicate_lines_dropped": duplicates} if duplicates else {}),
-        },
+        describe=describe,
     )
 
 
@@ -259,18 +266,8 @@ def hdf5_pair(cfg: DataConfig, seed: int) -> Source:
                     sources[split] = f"{cfg.img_h5}:Img{suffix}"
         except OSError as exc:
             raise DsehError(f"cannot read HDF5 pair {cfg.img_h5} / {cfg.lab_h5}: {exc}") from exc
-    paths, labels, splits = _merge_splits(parts, sources)
-    retrieval = np.unique(np.concatenate([splits["train"], splits["database"]]))
-    splits["database"] = retrieval[np.random.default_rng(seed).permutation(len(retrieval))]
-    return Source(
-        name="hdf5",
-        labels=labels,
-        classes=[str(i) for i in range(labels.shape[1])],
-        splits=splits,
-        paths=paths,
-        load_chunk=_file_loader(cfg, paths),
-        describe={"source": "hdf5", "img_h5": cfg.img_h5, "lab_h5": cfg.lab_h5, "image_root": cfg.image_root},
-    )
+    describe = {"source": "hdf5", "img_h5": cfg.img_h5, "lab_h5": cfg.lab_h5, "image_root": cfg.image_root}
+    return _file_source(cfg, seed, parts, sources, describe, with_train=True)
 
 
 SOURCES = {"digits-mosaic": digits_mosaic, "list-files": list_files, "hdf5": hdf5_pair}
