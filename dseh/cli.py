@@ -118,6 +118,7 @@ def _retrieval(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--index", help="search this approximate index (from `dseh index`) instead of the exact scan")
     p.add_argument("--nprobe", type=int, default=0, help="ivf cells visited per query (default: the index's)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds the MLflow server may take per call (models:/)")
 
     p = sub.add_parser("index", help="build a faiss binary index over a model's database codes; report its recall@k")
     p.add_argument("--model", default="outputs/imgnet/round0", help="an ImgNet step output (its codes.npy)")
@@ -296,7 +297,9 @@ def _search(args) -> None:
     from dseh.search import search
 
     model = args.model if args.model.startswith(("models:/", "runs:/")) else _existing_dir(args.model, "--model")
-    results = search(str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe)
+    results = search(
+        str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe, args.timeout
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return

@@ -74,12 +74,16 @@ def comparable(a_tags: dict, b_tags: dict) -> bool:
 
 
 def current_champion(client, name: str):
+    """The version aliased champion, or None when the model or the alias does not exist (any other
+    failure, such as an unreachable registry, is raised)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
 
 
 def decide(
@@ -147,7 +151,8 @@ def dry_run(cfg: Config, cand: Candidate) -> dict:
         import mlflow
 
         tracking.check_server(uri, cfg.tracking.timeout_s, "")
-        champ = current_champion(mlflow.MlflowClient(uri), reg)
+        with tracking.guard(uri):
+            champ = current_champion(mlflow.MlflowClient(uri), reg)
     ok, reason = decide(cand.value, cand.tags, champ, cfg.promote.min_delta, cand.collapsed)
     verdict = "would promote" if ok else ("would keep the champion" if champ else "would not promote")
     return {**decision, "decision": verdict, "reason": reason, "champion_version": getattr(champ, "version", None)}
@@ -163,7 +168,8 @@ def register(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data) -> dict
     if not cfg.tracking.enabled:
         return {**decision, "decision": "skipped", "reason": "tracking.enabled is false"}
     with tracking.step_run(cfg, "promote", cand.dataset_sha256, required=True) as tr:
-        decision.update(_register_and_promote(cfg, cand, imgnet_dir, data))
+        with tracking.guard(tracking.tracking_uri()):
+            decision.update(_register_and_promote(cfg, cand, imgnet_dir, data))
         tr.log_metrics({"candidate_" + cand.metric: cand.value})
     return decision
 

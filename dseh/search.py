@@ -31,10 +31,15 @@ def load_query_images(paths: list[str], size: int) -> np.ndarray:
     return out
 
 
-def _encode_with_mlflow(model_uri: str, images: list[str]) -> np.ndarray:
-    """+-1 codes of image files from a registered pyfunc model (models:/name@alias, runs:/...)."""
+def _encode_with_mlflow(model_uri: str, images: list[str], timeout_s: float) -> np.ndarray:
+    """+-1 codes of image files from a registered pyfunc model (models:/name@alias, runs:/...); the
+    tracking server must answer within timeout_s, and every registry call is bounded by it."""
     import mlflow
 
+    from dseh import tracking
+
+    uri = tracking.tracking_uri()
+    tracking.check_server(uri, timeout_s, "")
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
@@ -65,6 +70,7 @@ def search(
     codes_path: str | None = None,
     index_path: str | None = None,
     nprobe: int = 0,
+    timeout_s: float = 10.0,
 ) -> list[dict]:
     """Top-k database items per query image: index, source path, Hamming distance, labels.
 
@@ -83,7 +89,7 @@ def search(
                 "searching with an MLflow model needs --codes: the packed codes.npy of that model's database"
             )
         codes_file = Path(codes_path)
-        q = pack(_encode_with_mlflow(model_dir, images))
+        q = pack(_encode_with_mlflow(model_dir, images, timeout_s))
     else:
         model, state = load_imgnet(model_dir, weights)
         codes_file = Path(codes_path) if codes_path else Path(model_dir) / CODES

@@ -6,9 +6,12 @@ Endpoint, region and credentials come from the standard AWS environment variable
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
+import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -166,13 +169,50 @@ def local_copy(uri: str, timeout_s: float = 10.0, retries: int = 3) -> Iterator[
         yield tmp.name
 
 
+# who writes a temporary sibling: this host and process, so a later run can tell a dead writer's
+# leftovers from a live one's (on a volume shared by several pods, only its own host's)
+_HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+_OWNER = f"{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(path: Path) -> list[Path]:
+    """Remove what a killed writer of `path` (on this host) left beside it: temporary copies are
+    deleted; a previous version moved aside but never replaced (killed between the two renames)
+    is put back. Returns what was cleaned."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-{re.escape(_HOST)}-(\d+)(-.*)?")
+    cleaned = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        m = pattern.fullmatch(p.name)
+        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not path.exists():
+            os.replace(p, path)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        cleaned.append(p)
+    return cleaned
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it replaces `path` in one rename, on any
     failure it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    clean_leftovers(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_OWNER}")
     try:
         yield tmp
     except BaseException:
@@ -190,7 +230,8 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_OWNER}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
@@ -201,7 +242,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{_OWNER}"
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

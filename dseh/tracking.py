@@ -19,7 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,26 @@ def pipeline_key(cfg: Config, dataset_sha: str) -> str:
     return hashlib.sha256(json.dumps([dataset_sha, to_dict(cfg)], sort_keys=True).encode()).hexdigest()[:16]
 
 
-class Tracker:
-    """What a step logs into its nested run."""
+@contextmanager
+def guard(uri: str) -> Iterator[None]:
+    """MLflow's failures (a server that stalls, refuses or dies; each call bounded by bound_http) as
+    one DsehError naming the tracking URI."""
+    import requests
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, run_id: str):
+    try:
+        yield
+    except (MlflowException, requests.RequestException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DsehError(f"MLflow tracking server {uri} failed: {first[:300]}") from exc
+
+
+class Tracker:
+    """What a step logs into its nested run; every call bounded, a failure one DsehError."""
+
+    def __init__(self, run_id: str, uri: str = ""):
         self.run_id = run_id
+        self.uri = uri or tracking_uri()
 
     def log_history(self, history: list[dict], offset: int = 0) -> None:
         import mlflow
@@ -99,7 +114,8 @@ class Tracker:
             metrics = {
                 k: float(v) for k, v in row.items() if k not in ("round", "epoch") and isinstance(v, (int, float))
             }
-            mlflow.log_metrics(metrics, step=offset + int(row["epoch"]))
+            with guard(self.uri):
+                mlflow.log_metrics(metrics, step=offset + int(row["epoch"]))
 
     def log_metrics(self, metrics: dict[str, Any], prefix: str = "") -> None:
         import mlflow
@@ -112,16 +128,18 @@ class Tracker:
                         flat[f"{prefix}{k}.{kk}".replace("@", "_at_")] = float(vv)
             elif isinstance(v, (int, float)):  # flags (evaluate's `collapsed`) as 0 / 1
                 flat[f"{prefix}{k}"] = float(v)
-        mlflow.log_metrics(flat)
+        with guard(self.uri):
+            mlflow.log_metrics(flat)
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
         p = Path(path)
-        if p.is_dir():
-            mlflow.log_artifacts(str(p), artifact_path)
-        else:
-            mlflow.log_artifact(str(p), artifact_path)
+        with guard(self.uri):
+            if p.is_dir():
+                mlflow.log_artifacts(str(p), artifact_path)
+            else:
+                mlflow.log_artifact(str(p), artifact_path)
 
 
 @contextmanager
@@ -146,10 +164,31 @@ def step_run(
         log.warning("%s; continuing without tracking", exc)
         yield None
         return
+    stack = ExitStack()
+    with guard(uri):
+        try:
+            run = _open_step_run(cfg, step, dataset_sha, tags, uri, stack)
+        except BaseException:
+            stack.close()
+            raise
+    try:
+        yield Tracker(run.info.run_id, uri)
+    except BaseException as exc:
+        try:  # the runs end FAILED; a server that cannot hear it must not hide the step's own error
+            stack.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception as end_exc:  # noqa: BLE001
+            log.warning("could not mark the MLflow run of %s failed on %s: %s", step, uri, end_exc)
+        raise
+    with guard(uri):
+        stack.close()
+
+
+def _open_step_run(cfg: Config, step: str, dataset_sha: str, tags: dict[str, str] | None, uri: str, stack: ExitStack):
+    """Start the step's nested run under the pipeline's parent run (created on first use)."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(tc.experiment)
+    exp = mlflow.set_experiment(cfg.tracking.experiment)
     key = pipeline_key(cfg, dataset_sha)
     client = mlflow.MlflowClient()
     found = client.search_runs(
@@ -164,11 +203,12 @@ def step_run(
         parent = client.create_run(exp.experiment_id, run_name=f"dseh-{key[:8]}", tags={**common, TAG_STEP: "pipeline"})
         parent_id = parent.info.run_id
         client.set_terminated(parent_id, "FINISHED")
-    with mlflow.start_run(run_id=parent_id):
-        with mlflow.start_run(run_name=step, nested=True, tags={**common, TAG_STEP: step, **(tags or {})}) as run:
-            params = _flatten(to_dict(cfg))
-            mlflow.log_params(params)
-            yield Tracker(run.info.run_id)
+    stack.enter_context(mlflow.start_run(run_id=parent_id))
+    run = stack.enter_context(
+        mlflow.start_run(run_name=step, nested=True, tags={**common, TAG_STEP: step, **(tags or {})})
+    )
+    mlflow.log_params(_flatten(to_dict(cfg)))
+    return run
 
 
 # --------------------------------------------------------------------------- the pyfunc model

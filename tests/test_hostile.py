@@ -1,0 +1,264 @@
+"""Hostile input and faults beyond the data files (those are in test_data_inputs.py): crafted and
+corrupt model files and checkpoints, bad params and CLI values, tracking servers that stall or die
+mid-step, promotion that must not pretend, and leftovers of killed runs."""
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dseh import artifacts, stages, storage
+from dseh.artifacts import Layout, load_step_model
+from dseh.cli import main
+from dseh.config import from_dict
+from dseh.errors import DsehError
+from tests.conftest import free_port, stop_pid, tiny_raw
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny prepared dataset, LabNet, ImgNet and evaluation (tracking off)."""
+    lay = Layout(tmp_path_factory.mktemp("hostile"))
+    cfg = from_dict(tiny_raw())
+    stages.prepare(cfg, lay.data, progress=False)
+    stages.train_labnet(cfg, lay.data, 0, lay.labnet(0), progress=False)
+    stages.train_imgnet(cfg, lay.data, 0, lay.labnet(0), lay.imgnet(0), progress=False)
+    stages.evaluate(cfg, lay.data, lay.labnet(0), lay.imgnet(0), lay.eval, progress=False)
+    return lay
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted model file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_model_file_executes_nothing(trained, tmp_path, capsys):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"kind": "imgnet", "payload": _RunsCode(marker)}, bad / artifacts.MODEL)
+    with pytest.raises(DsehError, match=f"{bad / artifacts.MODEL}.*loaded safely"):
+        load_step_model(bad, "imgnet")
+    img = tmp_path / "q.png"
+    from tests.conftest import write_image
+
+    write_image(img, 0)
+    assert main(["search", str(img), "--model", str(bad), "--data", str(trained.data)]) == 2
+    assert "loaded safely" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip file at all", None])
+def test_corrupt_truncated_or_empty_model_files_name_the_file(trained, tmp_path, content):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    good = (trained.imgnet(0) / artifacts.MODEL).read_bytes()
+    (bad / artifacts.MODEL).write_bytes(good[: len(good) // 2] if content is None else content)
+    with pytest.raises(DsehError, match=str(bad / artifacts.MODEL)):
+        load_step_model(bad, "imgnet")
+
+
+def test_a_corrupt_resume_checkpoint_is_set_aside_and_training_starts_over(trained, tmp_path, caplog):
+    out = tmp_path / "labnet" / "round0"
+    ckpt = artifacts.checkpoint_path(out)
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"\x00garbage")
+    cfg = from_dict(tiny_raw())
+    summary = stages.train_labnet(cfg, trained.data, 0, out, progress=False)
+    assert summary["epochs"] == 2 and (out / artifacts.MODEL).is_file()
+    assert ckpt.with_name(ckpt.name + ".bad").read_bytes() == b"\x00garbage"
+    assert "cannot be read" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("seed=-1", "seed"),
+        ("imgnet.lr_exp=.nan", "imgnet.lr_exp"),
+        ("labnet.beta=.inf", "labnet.beta"),
+        ("labnet.epochs=[0]", "labnet.epochs"),
+        ("imgnet.epochs=[0]", "imgnet.epochs"),
+        ("evaluate.topk=0", "evaluate.topk"),
+        ("bits=5000", "bits"),
+    ],
+)
+def test_bad_param_values_are_refused_naming_the_key(tmp_path, capsys, override, key):
+    assert main(["prepare", "--root", str(tmp_path), "-q", "-S", override]) == 2
+    err = capsys.readouterr().err
+    assert f"'{key}'" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-5", "x"])
+def test_search_k_below_one_is_refused(trained, tmp_path, capsys, k):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "q.png", "--model", str(trained.imgnet(0)), "--data", str(trained.data), "-k", k])
+    assert e.value.code == 2
+    assert "-k" in capsys.readouterr().err
+
+
+def test_search_names_a_directory_given_as_an_image(trained, tmp_path, capsys):
+    assert main(["search", str(tmp_path), "--model", str(trained.imgnet(0)), "--data", str(trained.data)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_file_where_a_step_folder_is_expected_says_so(trained, capsys):
+    model_file = trained.imgnet(0) / artifacts.MODEL
+    assert main(["search", "q.png", "--model", str(model_file), "--data", str(trained.data)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def _promote_cfg(**tracking):
+    return from_dict(tiny_raw(tracking={"enabled": True, "timeout_s": 2.0, **tracking}))
+
+
+def test_dry_run_writes_nothing_anywhere(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = set(tmp_path.iterdir())
+    d = stages.promote(_promote_cfg(), trained.data, trained.imgnet(0), trained.eval, None, dry_run=True)
+    assert d["dry_run"] and d["decision"] in ("would promote", "would not promote")
+    assert set(tmp_path.iterdir()) == before  # no mlflow.db, no mlruns/
+
+
+def test_promote_fails_when_the_registry_is_unreachable_whatever_required_says(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    for required in (True, False):
+        with pytest.raises(DsehError, match="unreachable"):
+            stages.promote(
+                _promote_cfg(required=required), trained.data, trained.imgnet(0), trained.eval, tmp_path / "p"
+            )
+    assert not (tmp_path / "p").exists()
+
+
+def test_decision_names_a_champion_only_when_one_exists(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    metrics = json.loads((trained.eval / artifacts.METRICS).read_text())
+    assert metrics["collapsed"]  # the tiny model's codes collapse: it is never made champion
+    d = stages.promote(
+        _promote_cfg(registered_model="hostile"), trained.data, trained.imgnet(0), trained.eval, tmp_path / "p"
+    )
+    assert d["decision"] == "not promoted" and d["model_uri"] is None and d["champion_version"] is None
+    assert json.loads((tmp_path / "p" / artifacts.DECISION).read_text())["model_uri"] is None
+
+
+# --------------------------------------------------------------------------- tracking servers that fail
+
+
+class _StallAfterHealth(http.server.BaseHTTPRequestHandler):
+    """Answers /health, then holds every other request far longer than any timeout."""
+
+    def _reply(self):
+        if self.path.rstrip("/").endswith("/health"):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+        else:
+            time.sleep(60)
+
+    do_GET = do_POST = do_PATCH = _reply
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_stalls_after_health_fails_the_step_within_a_bound(trained, tmp_path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallAfterHealth)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DsehError, match=f"MLflow tracking server {uri}"):
+            stages.train_labnet(_promote_cfg(timeout_s=1.0), trained.data, 0, tmp_path / "lab", progress=False)
+        assert time.monotonic() - t0 < 20
+        t0 = time.monotonic()
+        with pytest.raises(DsehError, match=uri):
+            stages.promote(_promote_cfg(timeout_s=1.0), trained.data, trained.imgnet(0), trained.eval, None, True)
+        assert time.monotonic() - t0 < 20
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "lab").exists()
+
+
+def test_a_tracking_server_killed_during_a_step_fails_it_with_one_message(trained, tmp_path, monkeypatch):
+    """A real `mlflow server` that dies while LabNet trains: the step ends in one DsehError naming
+    the server, within a few seconds, and the resume checkpoint of the finished epochs stays."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path}/mlflow.db", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                from dseh.tracking import check_server
+
+                check_server(uri, 2.0)
+                break
+            except DsehError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        real = stages.run_phase
+
+        def kill_then_train(*args, **kwargs):
+            stop_pid(proc)  # the server dies after the step opened its run
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(stages, "run_phase", kill_then_train)
+        t0 = time.monotonic()
+        with pytest.raises(DsehError, match=f"MLflow tracking server {uri}"):
+            stages.train_labnet(_promote_cfg(timeout_s=2.0), trained.data, 0, tmp_path / "lab", progress=False)
+        assert time.monotonic() - t0 < 60
+    finally:
+        stop_pid(proc)
+        log.close()
+
+
+# --------------------------------------------------------------------------- leftovers of killed runs
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_rerun_removes_what_a_killed_run_left_and_restores_a_moved_aside_output(tmp_path):
+    out = tmp_path / "step"
+    pid = _dead_pid()
+    leftover = tmp_path / f".step.tmp-{storage._HOST}-{pid}-abc123"
+    (leftover / "sub").mkdir(parents=True)
+    live = tmp_path / f".step.tmp-{storage._HOST}-{os.getpid()}-xyz"  # a live writer's: kept
+    live.mkdir()
+    moved = tmp_path / f".step.old-{storage._HOST}-{pid}"  # killed between the two renames
+    moved.mkdir()
+    (moved / "model.pt").write_text("previous output")
+    with storage.atomic_dir(out) as tmp:
+        assert (out / "model.pt").read_text() == "previous output"  # put back before anything else
+        (tmp / "model.pt").write_text("new output")
+    assert (out / "model.pt").read_text() == "new output"
+    assert not leftover.exists() and not moved.exists() and live.exists()
