@@ -262,3 +262,29 @@ def test_a_rerun_removes_what_a_killed_run_left_and_restores_a_moved_aside_outpu
         (tmp / "model.pt").write_text("new output")
     assert (out / "model.pt").read_text() == "new output"
     assert not leftover.exists() and not moved.exists() and live.exists()
+
+
+def test_a_silent_s3_endpoint_fails_a_read_within_its_bound(monkeypatch):
+    """A server that accepts connections and never answers: one error naming the object, within
+    about s3_retries x (s3_timeout_s + 2) s (docs/data.md)."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in iter(int, 1)], daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage._local.__dict__.clear()
+    try:
+        for retries in (1, 2):
+            t0 = time.monotonic()
+            with pytest.raises(DsehError, match="s3://bucket/key"):
+                storage.read_bytes("s3://bucket/key", timeout_s=1.0, retries=retries)
+            assert time.monotonic() - t0 < retries * (1.0 + 2.0) + 1.0
+    finally:
+        storage._local.__dict__.clear()
+        srv.close()
