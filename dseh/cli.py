@@ -85,6 +85,7 @@ def _experiments(sub) -> None:
     p = sub.add_parser("map-table", help="collect the sweep into map_table.csv and .md")
     _common(p)
     p.add_argument("--out", help="default: ROOT/table")
+    p.add_argument("--no-main", action="store_true", help="read the main length from ROOT/sweep too, not ROOT/eval")
 
     p = sub.add_parser("baseline", help="a linear hash on pixels or a trained ImgNet's backbone features")
     _common(p)
@@ -180,7 +181,7 @@ def _cluster(sub) -> None:
     p.add_argument("--mount", default="/data")
     p.add_argument("step", nargs=argparse.REMAINDER, help="the dseh step and its arguments, after --")
 
-    p = sub.add_parser("dvc-yaml", help="write dvc.yaml for the rounds in params (stage contracts from dseh.stages)")
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml (and the opt-in sweep/dvc.yaml) for the rounds in params")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-o", "--output", default="dvc.yaml")
     p.add_argument("--check", action="store_true", help="fail if the file differs from what would be written")
@@ -272,7 +273,7 @@ def _map_table(args) -> None:
 
     cfg, lay, _ = _context(args)
     out = Path(args.out or lay.table)
-    experiments.map_table(cfg, lay.root / "sweep", out)
+    experiments.map_table(cfg, lay.root / "sweep", out, None if args.no_main else lay.eval)
     print((out / f"{artifacts.MAP_TABLE}.md").read_text())
 
 
@@ -371,17 +372,20 @@ def _job_manifest(args) -> None:
 
 def _dvc_yaml(args) -> None:
     from dseh.config import load_config
-    from dseh.dvcfile import render
+    from dseh.dvcfile import render, render_sweep
 
     cfg = load_config(args.params)
-    text = render(cfg)
     out = Path(args.output)
+    files = {out: render(cfg), out.parent / "sweep" / "dvc.yaml": render_sweep(cfg)}
+    for path, text in files.items():
+        if args.check and (not path.is_file() or path.read_text() != text):
+            raise DsehError(f"{path} is out of date with {args.params}: run `dseh dvc-yaml`")
     if args.check:
-        if not out.is_file() or out.read_text() != text:
-            raise DsehError(f"{out} is out of date with {args.params}: run `dseh dvc-yaml`")
         return
-    out.write_text(text)
-    print(f"wrote {out} ({cfg.train.rounds} rounds)")
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"wrote {', '.join(map(str, files))} ({cfg.train.rounds} rounds)")
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {

@@ -137,7 +137,7 @@ class PromoteConfig:
     """Registry promotion of the evaluated ImgNet model."""
 
     metric: str = "map_all"  # a key of metrics.json
-    min_delta: float = 0.0  # the champion moves only if the candidate beats it by at least this
+    min_delta: float = 0.001  # the champion moves only if the candidate beats it by at least this (> 0)
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ _AT_LEAST: dict[str, float] = {
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "baseline.hashnet_step_size": 1,
 }  # fmt: skip
 _AT_MOST = {"bits": 4096, "sweep.bits": 4096, "compare.bits": 4096}
-_ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction")
+_ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction", "promote.min_delta")
 
 
 def _validate(cfg: Config) -> None:

@@ -15,11 +15,14 @@ forms take the packed uint8 rows of dseh.codes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from dseh.codes import pack, to_words
+
+log = logging.getLogger(__name__)
 
 try:  # faiss is optional: the numpy path gives the same rankings
     import faiss  # type: ignore
@@ -345,3 +348,32 @@ def split_collapse(ev, data, codes: np.ndarray, bits: int) -> dict:
 
     label_sets = int(len(np.unique(data.labels[data.database], axis=0)))
     return collapse(codes[data.database], bits, ev.collapse_min_distinct, label_sets)
+
+
+def split_metrics(ev, data, codes: np.ndarray, bits: int) -> tuple[dict, RetrievalReport]:
+    """metrics.json's retrieval figures of a prepared split (evaluate's and the champion's
+    re-evaluation on a new dataset) and the collapse check of the database codes."""
+    rep = split_report(ev, data, codes, bits)
+    n_max = max(rep.precision_at)
+    metrics = {
+        "bits": bits,
+        "protocol_topk": rep.topk,
+        **headline_metrics(rep),
+        f"precision_radius_{ev.radius}": rep.precision_within(ev.radius),
+        f"precision_at_{n_max}": rep.precision_at[n_max],
+        f"recall_at_{n_max}": rep.recall_at[n_max],
+        "queries": int(len(data.query)),
+        "database": int(len(data.database)),
+        "queries_without_relevant": rep.queries_without_relevant,
+    }
+    state = split_collapse(ev, data, codes, bits)
+    metrics.update(
+        distinct_codes_database=state["distinct_codes"],
+        constant_bits_database=state["constant_bits"],
+        collapsed=state["collapsed"],
+    )
+    if state["collapsed"] or state["constant_bits"]:
+        what = "codes collapsed" if state["collapsed"] else "some bits carry nothing"
+        log.warning("%s: %d distinct database codes, %d of %d bits constant", what, state["distinct_codes"],
+                    state["constant_bits"], bits)  # fmt: skip
+    return metrics, rep

@@ -60,13 +60,17 @@ def sweep_bits(cfg: Config, data_dir: str | Path, bits: int, out_root: str | Pat
     return stages.evaluate(c, data_dir, lay.labnet(last), lay.imgnet(last), lay.eval, progress)
 
 
-def map_table(cfg: Config, sweep_root: str | Path, out_dir: str | Path) -> list[dict]:
-    """Collect the sweep's metrics into map_table.csv and map_table.md (mAP by code length)."""
+def map_table(
+    cfg: Config, sweep_root: str | Path, out_dir: str | Path, main_eval: str | Path | None = None
+) -> list[dict]:
+    """Collect the sweep's metrics into map_table.csv and map_table.md (mAP by code length); the row
+    of the main length `bits` comes from the main pipeline's evaluation `main_eval` when given."""
     rows = []
     for bits in cfg.sweep.bits:
-        m = artifacts.read_json(
-            Path(sweep_root) / str(bits) / "eval" / artifacts.METRICS, f"run the sweep stage for {bits} bits first"
-        )
+        where = Path(main_eval) if main_eval is not None and bits == cfg.bits else Path(sweep_root) / str(bits) / "eval"
+        m = artifacts.read_json(where / artifacts.METRICS, f"run the evaluation at {bits} bits first")
+        if m["bits"] != bits:
+            raise DsehError(f"{where / artifacts.METRICS} holds {m['bits']}-bit codes, expected {bits}")
         row = {"bits": bits, **{k: m[k] for k in evaluation.headline_keys(m["protocol_topk"])}}
         if "labnet" in m:
             row.update(

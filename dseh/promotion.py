@@ -87,22 +87,73 @@ def current_champion(client, name: str):
 
 
 def decide(
-    candidate_metric: float, candidate_tags: dict, champion, min_delta: float, collapsed: str | None = None
+    candidate_metric: float,
+    candidate_tags: dict,
+    champion,
+    min_delta: float,
+    collapsed: str | None = None,
+    champion_metric: float | None = None,
 ) -> tuple[bool, str]:
-    """(promote?, reason) for a candidate against the current champion version (or None); a candidate
-    whose codes collapsed (`collapsed` says how) never becomes the champion, even with none yet."""
+    """(promote?, reason) for a candidate against the current champion version (or None): the
+    candidate must beat the champion by at least min_delta (> 0, so an equal model never takes
+    over). `champion_metric`, when given, is the champion re-evaluated on the candidate's dataset
+    and protocol (see reevaluate); otherwise a champion measured elsewhere is not comparable. A
+    candidate whose codes collapsed (`collapsed` says how) never becomes the champion."""
     if collapsed:
         return False, f"the candidate's codes collapsed ({collapsed})"
     if champion is None:
         return True, "no champion yet"
-    if not comparable(champion.tags, candidate_tags):
+    where = "the champion's"
+    if champion_metric is not None:
+        best, where = champion_metric, "the champion's, re-evaluated on this dataset and protocol,"
+    elif not comparable(champion.tags, candidate_tags):
         return False, "the champion was measured with another metric, protocol or dataset: not comparable"
-    best = version_metric(champion)
-    if best is None:
-        return True, "the champion carries no metric"
-    if candidate_metric >= best + min_delta:
-        return True, f"{candidate_metric:.6f} beats the champion's {best:.6f} by at least {min_delta}"
-    return False, f"{candidate_metric:.6f} does not beat the champion's {best:.6f} by {min_delta}"
+    else:
+        best = version_metric(champion)
+        if best is None:
+            return True, "the champion carries no metric"
+    if candidate_metric > best and candidate_metric - best >= min_delta:
+        return True, f"{candidate_metric:.6f} beats {where} {best:.6f} by at least {min_delta}"
+    return False, f"{candidate_metric:.6f} does not beat {where} {best:.6f} by {min_delta}"
+
+
+def reevaluate(cfg: Config, reg: str, champion, data) -> float | None:
+    """The champion's promote.metric on the prepared `data` under this config's evaluate protocol:
+    its registered model encodes every item (query and database) and the codes are evaluated as
+    `dseh evaluate` does. None when it cannot read this dataset's images (another image size)."""
+    import mlflow
+    import numpy as np
+
+    from dseh import evaluation
+    from dseh.codes import pack
+
+    model = mlflow.pyfunc.load_model(f"models:/{reg}/{champion.version}")
+    shape = tuple(model.metadata.get_input_schema().inputs[0].shape[1:])
+    if shape != tuple(data.images.shape[1:]):
+        log.warning("the champion reads %s images, this dataset holds %s: it cannot be re-evaluated", shape,
+                    tuple(data.images.shape[1:]))  # fmt: skip
+        return None
+    batch = cfg.imgnet.encode_batch_size
+    n = len(data.labels)
+    codes = np.concatenate([pack(model.predict(np.asarray(data.images[s : s + batch]))) for s in range(0, n, batch)])
+    bits = int(model.metadata.get_output_schema().inputs[0].shape[1])
+    metrics, _ = evaluation.split_metrics(cfg.evaluate, data, codes, bits)
+    if cfg.promote.metric not in metrics:
+        raise DsehError(f"params key 'promote.metric': the champion's evaluation has no '{cfg.promote.metric}'")
+    log.info("champion version %s re-evaluated on %s: %s %.6f", champion.version, data.root, cfg.promote.metric,
+             metrics[cfg.promote.metric])  # fmt: skip
+    return float(metrics[cfg.promote.metric])
+
+
+def _judge(cfg: Config, cand: Candidate, client, reg: str, data) -> tuple:
+    """(champion, its metric on this dataset or None, promote?, reason)."""
+    champ = current_champion(client, reg)
+    if cand.collapsed or champ is None or data is None or comparable(champ.tags, cand.tags):
+        return (champ, None, *decide(cand.value, cand.tags, champ, cfg.promote.min_delta, cand.collapsed))
+    champ_value = reevaluate(cfg, reg, champ, data)
+    if champ_value is None:
+        return champ, None, True, "the champion cannot read this dataset's images: the candidate replaces it"
+    return (champ, champ_value, *decide(cand.value, cand.tags, champ, cfg.promote.min_delta, None, champ_value))
 
 
 def settle_champion(client, name: str, attempts: int = 3) -> None:
@@ -138,7 +189,7 @@ def _local_store_missing(uri: str) -> bool:
     return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()
 
 
-def dry_run(cfg: Config, cand: Candidate) -> dict:
+def dry_run(cfg: Config, cand: Candidate, data=None) -> dict:
     """What `register` would decide, reading the registry only; writes nothing anywhere (not even
     the embedded store's file when it does not exist yet)."""
     reg = cfg.tracking.registered_model
@@ -146,14 +197,15 @@ def dry_run(cfg: Config, cand: Candidate) -> dict:
     if not cfg.tracking.enabled:
         return {**decision, "decision": "skipped", "reason": "tracking.enabled is false"}
     uri = tracking.tracking_uri()
-    champ = None
+    champ, ok, reason = None, True, "no champion yet"
     if not _local_store_missing(uri):
         import mlflow
 
         tracking.check_server(uri, cfg.tracking.timeout_s, "")
         with tracking.guard(uri):
-            champ = current_champion(mlflow.MlflowClient(uri), reg)
-    ok, reason = decide(cand.value, cand.tags, champ, cfg.promote.min_delta, cand.collapsed)
+            champ, _, ok, reason = _judge(cfg, cand, mlflow.MlflowClient(uri), reg, data)
+    elif cand.collapsed:
+        ok, reason = decide(cand.value, cand.tags, None, cfg.promote.min_delta, cand.collapsed)
     verdict = "would promote" if ok else ("would keep the champion" if champ else "would not promote")
     return {**decision, "decision": verdict, "reason": reason, "champion_version": getattr(champ, "version", None)}
 
@@ -187,9 +239,8 @@ def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, 
     info = tracking.log_imgnet_model(model, state.image_size, state.bits, cfg.imgnet.encode_batch_size, example)
     version = mlflow.register_model(info.model_uri, reg, tags=cand.tags).version
     client.set_registered_model_alias(reg, CHALLENGER, version)
-    champ = current_champion(client, reg)
-    ok, reason = decide(cand.value, cand.tags, champ, cfg.promote.min_delta, cand.collapsed)
-    champ_metric = version_metric(champ) if champ is not None else None
+    champ, reevaluated, ok, reason = _judge(cfg, cand, client, reg, data)
+    champ_metric = reevaluated if reevaluated is not None else (version_metric(champ) if champ is not None else None)
     verdict = "promoted" if ok else ("kept the champion" if champ is not None else "not promoted")
     client.set_model_version_tag(reg, version, "dseh.decision", verdict)
     client.set_model_version_tag(reg, version, "dseh.reason", reason)

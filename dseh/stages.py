@@ -351,7 +351,7 @@ def evaluate(
             codes = pack(encode_images(model, data.images, None, cfg.imgnet.encode_batch_size, device, progress)[1])
         else:
             codes = artifacts.load_codes(imgnet_dir, len(data.labels), img.bits)
-        metrics, rep = _metrics(cfg, data, codes, img.bits)
+        metrics, rep = evaluation.split_metrics(cfg.evaluate, data, codes, img.bits)
         lab_feats = None
         if methods.get(img.method).needs_labnet:
             metrics["labnet"], lab_feats = _labnet_metrics(cfg, data, labnet_dir, img.bits)
@@ -368,35 +368,6 @@ def evaluate(
         log.info("%s: mAP@ALL %.4f, mAP@%d %.4f%s", img.method, rep.map_all, rep.topk, rep.map_topk, labnet_text)
         _log_step(tr, Path(out_dir), "eval", metrics)
     return metrics
-
-
-def _metrics(cfg: Config, data: PreparedData, codes: np.ndarray, bits: int) -> tuple[dict, evaluation.RetrievalReport]:
-    """metrics.json's retrieval figures and the collapse check of the database codes."""
-    ev = cfg.evaluate
-    rep = evaluation.split_report(ev, data, codes, bits)
-    n_max = max(rep.precision_at)
-    metrics = {
-        "bits": bits,
-        "protocol_topk": rep.topk,
-        **evaluation.headline_metrics(rep),
-        f"precision_radius_{ev.radius}": rep.precision_within(ev.radius),
-        f"precision_at_{n_max}": rep.precision_at[n_max],
-        f"recall_at_{n_max}": rep.recall_at[n_max],
-        "queries": int(len(data.query)),
-        "database": int(len(data.database)),
-        "queries_without_relevant": rep.queries_without_relevant,
-    }
-    state = evaluation.split_collapse(ev, data, codes, bits)
-    metrics.update(
-        distinct_codes_database=state["distinct_codes"],
-        constant_bits_database=state["constant_bits"],
-        collapsed=state["collapsed"],
-    )
-    if state["collapsed"] or state["constant_bits"]:
-        what = "codes collapsed" if state["collapsed"] else "some bits carry nothing"
-        log.warning("%s: %d distinct database codes, %d of %d bits constant", what, state["distinct_codes"],
-                    state["constant_bits"], bits)  # fmt: skip
-    return metrics, rep
 
 
 def _labnet_metrics(cfg: Config, data: PreparedData, labnet_dir, bits: int) -> tuple[dict, np.ndarray]:
@@ -442,7 +413,7 @@ def promote(
     _check_compatible(img, None, data, imgnet_dir)
     candidate = promotion.Candidate.from_metrics(cfg, metrics, Path(eval_dir) / artifacts.METRICS, img, data)
     if dry_run:
-        decision = promotion.dry_run(cfg, candidate)
+        decision = promotion.dry_run(cfg, candidate, data)
     else:
         decision = promotion.register(cfg, candidate, imgnet_dir, data)
         if out_dir is not None:

@@ -25,7 +25,7 @@ cat <<MSG
   plot data      outputs/eval/pr_curve.csv, outputs/eval/precision_at_n.csv   (dvc plots show --json)
   figures        outputs/eval/figures/*.png
   HTML report    outputs/eval/report.html   (open it in a browser)
-  MAP table      outputs/table/map_table.md (.csv): mAP by code length
+  MAP table      dvc repro sweep/dvc.yaml, then outputs/table/map_table.md (.csv): mAP by code length
   promotion      outputs/promote/decision.json
   models, codes  outputs/labnet/round*/, outputs/imgnet/round*/
   MLflow UI      .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)

@@ -35,7 +35,7 @@ def project(tmp_path, s3_server):
     raw["labnet"]["epochs"] = [2]
     raw["imgnet"]["epochs"] = [1]
     raw["data"].update(source="list-files", list_dir="raw", image_root="raw/images", image_size=16)
-    raw["sweep"] = {"bits": [16]}
+    raw["sweep"] = {"bits": [16, 32]}  # 32: the main length, read from the main pipeline's evaluation
     full = yaml.safe_load((REPO / "params.yaml").read_text())  # DVC needs every declared section
     for key, value in raw.items():
         full[key] = {**full[key], **value} if isinstance(value, dict) else value
@@ -65,7 +65,13 @@ def test_repro_reruns_exactly_what_changed_and_push_pull_round_trip(project, s3_
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     assert "raw/images" in stages["prepare"]["deps"] and "raw/train.txt" in stages["prepare"]["deps"]
     sh(dvc + ["repro"], root, env)
-    assert (root / "outputs/eval/metrics.json").is_file() and (root / "outputs/table/map_table.md").is_file()
+    assert (root / "outputs/eval/metrics.json").is_file() and not (root / "outputs/sweep").exists()
+    out = sh(dvc + ["repro", "sweep/dvc.yaml"], root, env).stdout  # the opt-in code-length table
+    assert "Running stage 'sweep/dvc.yaml:sweep@16'" in out and "sweep@32" not in out
+    assert "Running stage 'train_imgnet_r0'" not in out  # the main model is reused, not trained again
+    table = (root / "outputs/table/map_table.md").read_text()
+    main = json.loads((root / "outputs/eval/metrics.json").read_text())["map_all"]
+    assert f"| 32 | {main:.4f} |" in table and "| 16 |" in table
     assert json.loads((root / "outputs/promote/decision.json").read_text())["decision"] == "skipped"
     assert json.loads(sh(dvc + ["status", "--json"], root, env).stdout) == {}
 
@@ -80,8 +86,9 @@ def test_repro_reruns_exactly_what_changed_and_push_pull_round_trip(project, s3_
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         return set(status)
 
-    assert stale_after("evaluate.topk", 50) == {"evaluate", "sweep@16"}
-    assert stale_after("labnet.beta", 0.02) == {"train_labnet_r0", "sweep@16"}
+    assert stale_after("evaluate.topk", 50) == {"evaluate", "sweep/dvc.yaml:sweep@16"}
+    assert stale_after("labnet.beta", 0.02) == {"train_labnet_r0", "sweep/dvc.yaml:sweep@16"}
+    assert stale_after("data.workers", 1) == set()  # speed only: declared by no stage
     assert stale_after("promote.min_delta", 0.1) == {"promote"}
 
     # changing one image of the user's collection reruns prepare and everything after it
