@@ -76,11 +76,9 @@ def _check_compatible(model: StepModel, cfg: Config | None, data: PreparedData, 
         raise DsehError(f"{where} was trained on another prepared dataset than {data.root}")
 
 
-def _log_step(tr, out: Path, name: str, summary: dict, history: list[dict] | None = None) -> None:
+def _log_step(tr, out: Path, name: str, summary: dict) -> None:
     if tr is None:
         return
-    if history:
-        tr.log_history(history)
     tr.log_metrics(summary)
     tr.log_artifacts(out, name)
 
@@ -162,7 +160,8 @@ def train_labnet(
         ckpt = artifacts.checkpoint_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        history = run_phase(phase, cfg.train, ckpt, labnet_fingerprint(cfg, round_index, inputs), progress)
+        fp = labnet_fingerprint(cfg, round_index, inputs)
+        history = run_phase(phase, cfg.train, ckpt, fp, progress, tr.log_epoch if tr else None)
         if not rank.main:  # rank 0 writes the step output
             return {"round": round_index, "rank": rank.rank, "epochs": epochs}
         F_lab, H_lab = encode_labels(model, labels)
@@ -189,7 +188,7 @@ def train_labnet(
         log.log(level, "LabNet round %d: %d distinct codes for %d label sets%s", round_index,
                 summary["distinct_codes"], summary["distinct_label_sets"],
                 " (degenerate: lower labnet.lr_exp or check the labels)" if summary["degenerate"] else "")  # fmt: skip
-        _log_step(tr, out, "labnet", summary, history)
+        _log_step(tr, out, "labnet", summary)
     return summary
 
 
@@ -265,7 +264,7 @@ def train_imgnet(
         )
         ckpt = artifacts.checkpoint_path(out)
         t0 = time.perf_counter()
-        history = run_phase(phase, cfg.train, ckpt, fp, progress)
+        history = run_phase(phase, cfg.train, ckpt, fp, progress, tr.log_epoch if tr else None)
         if not rank.main:  # rank 0 encodes and writes the step output
             return {"round": round_index, "rank": rank.rank, "epochs": epochs}
         f_all, u_all = encode_images(model, data.images, None, cfg.imgnet.encode_batch_size, device, progress)
@@ -289,7 +288,7 @@ def train_imgnet(
             np.savez(tmp / TRAIN_OUTPUTS, B=sign(u_all[data.train]), F=f_all[data.train].astype(np.float32))
             artifacts.write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
-        _log_step(tr, out, "imgnet", summary, history)
+        _log_step(tr, out, "imgnet", summary)
     return summary
 
 

@@ -107,15 +107,13 @@ class Tracker:
         self.run_id = run_id
         self.uri = uri or tracking_uri()
 
-    def log_history(self, history: list[dict], offset: int = 0) -> None:
+    def log_epoch(self, row: dict) -> None:
+        """One training history row, as its epoch ends (step = the epoch)."""
         import mlflow
 
-        for row in history:
-            metrics = {
-                k: float(v) for k, v in row.items() if k not in ("round", "epoch") and isinstance(v, (int, float))
-            }
-            with guard(self.uri):
-                mlflow.log_metrics(metrics, step=offset + int(row["epoch"]))
+        metrics = {k: float(v) for k, v in row.items() if k not in ("round", "epoch") and isinstance(v, (int, float))}
+        with guard(self.uri):
+            mlflow.log_metrics(metrics, step=int(row["epoch"]))
 
     def log_metrics(self, metrics: dict[str, Any], prefix: str = "") -> None:
         import mlflow

@@ -288,3 +288,29 @@ def test_a_silent_s3_endpoint_fails_a_read_within_its_bound(monkeypatch):
     finally:
         storage._local.__dict__.clear()
         srv.close()
+
+
+def test_epoch_metrics_reach_mlflow_as_each_epoch_ends(trained, tmp_path, monkeypatch):
+    """A step that dies in its third epoch leaves the first two epochs' metrics in its FAILED run."""
+    import mlflow
+
+    from dseh.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = Tracker.log_epoch
+
+    def dies_in_epoch_three(self, row):
+        real(self, row)
+        if row["epoch"] == 2:
+            raise DsehError("killed in epoch 3")
+
+    monkeypatch.setattr(Tracker, "log_epoch", dies_in_epoch_three)
+    cfg = from_dict(tiny_raw(tracking={"enabled": True, "experiment": "live"}, labnet={"epochs": [4]}))
+    with pytest.raises(DsehError, match="killed in epoch 3"):
+        stages.train_labnet(cfg, trained.data, 0, tmp_path / "lab", progress=False)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("live")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`dseh.step` = 'train_labnet'")
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]

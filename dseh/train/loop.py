@@ -150,9 +150,15 @@ def _resume(phase: Phase, gen: torch.Generator, checkpoint: Path | None, fingerp
 
 
 def run_phase(
-    phase: Phase, cfg: TrainConfig, checkpoint: Path | None, fingerprint: str, progress: bool = True
+    phase: Phase,
+    cfg: TrainConfig,
+    checkpoint: Path | None,
+    fingerprint: str,
+    progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Train `phase` for its epochs; returns the per-epoch history.
+    """Train `phase` for its epochs; returns the per-epoch history. `on_epoch` gets each history
+    row as its epoch ends (and the rows of a resumed run's earlier epochs first): live tracking.
 
     After every epoch the model, optimiser, buffers, sampler generator and every RNG state go to
     `checkpoint`, so a killed run started again with the same fingerprint resumes from the last
@@ -167,6 +173,9 @@ def run_phase(
         net = torch.compile(net)
     gen = torch.Generator().manual_seed(phase.seed)
     history, start_epoch = _resume(phase, gen, checkpoint, fingerprint)
+    report = on_epoch if on_epoch is not None and info.main else (lambda row: None)
+    for row in history:
+        report(row)
     params = [p for p in phase.model.parameters() if p.requires_grad]
     workers = loader_threads(cfg, params[0].device)
     pool = ThreadPoolExecutor(max_workers=workers)
@@ -175,6 +184,7 @@ def run_phase(
             history.append(_run_epoch(phase, net, params, cfg, gen, info, epoch, pool, workers, checkpoint, progress))
             if checkpoint is not None and info.main:
                 _save_checkpoint(checkpoint, phase, fingerprint, epoch + 1, gen, history)
+            report(history[-1])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return history
