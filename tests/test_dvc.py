@@ -30,6 +30,7 @@ def project(tmp_path, s3_server):
     root = tmp_path / "proj"
     root.mkdir()
     (root / "dseh").symlink_to(REPO / "dseh")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")  # what this repository keeps out of git
     make_list_collection(root / "raw", n=40)
     raw = tiny_raw(**LEARNING)
     raw["labnet"]["epochs"] = [2]
@@ -114,6 +115,7 @@ def test_repro_reruns_exactly_what_changed_and_push_pull_round_trip(project, s3_
     assert (root / "outputs/data/images.npy").read_bytes() == images
     keys = s3_server.client().list_objects_v2(Bucket="dseh-dvc").get("KeyCount", 0)
     assert keys > 0
+    sh(dvc + ["pull", "-q"], root, env)  # the whole cache back from the remote
 
     # metrics, plots and experiments work as DVC users expect
     shown = json.loads(sh(dvc + ["metrics", "show", "--json"], root, env).stdout)
@@ -122,8 +124,22 @@ def test_repro_reruns_exactly_what_changed_and_push_pull_round_trip(project, s3_
     assert "outputs/eval/pr_curve.csv" in json.dumps(plots)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "pipeline"], root, env)
-    sh(dvc + ["exp", "run", "-S", "bits=64"], root, env)
-    assert json.loads((root / "outputs/eval/metrics.json").read_text())["bits"] == 64
+    tracked = sh(["git", "ls-files", "outputs"], root, env).stdout.split()
+    assert "outputs/eval/metrics.json" in tracked and "outputs/eval/pr_curve.csv" in tracked
+    assert not any(p.startswith(("outputs/data", "outputs/imgnet")) for p in tracked)
+    for topk in (10, 20):  # two experiments; only evaluate reruns
+        out = sh(dvc + ["exp", "run", "-S", f"evaluate.topk={topk}"], root, env).stdout
+        assert "Running stage 'evaluate'" in out and "Running stage 'train_imgnet_r0'" not in out
+    exps = json.dumps(json.loads(sh(dvc + ["exp", "show", "--json"], root, env).stdout))
+    assert "map_at_10" in exps and "map_at_20" in exps
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["topk"] = 30
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(dvc + ["repro", "evaluate"], root, env)
+    sh(["git", "commit", "-qam", "topk 30"], root, env)
+    diff = json.loads(sh(dvc + ["metrics", "diff", "HEAD~1", "--json"], root, env).stdout)
+    assert diff["outputs/eval/metrics.json"]["protocol_topk"] == {"old": 37, "new": 30, "diff": -7}
+    assert "map_at_30" in diff["outputs/eval/metrics.json"]
 
 
 def test_import_url_of_an_s3_prefix(project, s3_server):
