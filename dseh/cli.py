@@ -154,7 +154,16 @@ def _cluster(sub) -> None:
         a.add_argument("--cpu-limit", default=POD.cpu)
         a.add_argument("--memory-limit", default=POD.memory)
         a.add_argument("--pvc", default="", help="PersistentVolumeClaim mounted at /data")
-        a.add_argument("--enable-caching", action="store_true", help="reuse steps for the same data_version and config")
+        a.add_argument(
+            "--enable-caching", action="store_true", help="reuse data steps for the same data_version and config"
+        )
+        a.add_argument("--image", help="the project image the steps run on (default: DSEH_IMAGE)")
+        a.add_argument("--accelerator-type", default=POD.accelerator, help="the GPU resource the GPU pods ask for")
+        a.add_argument("--no-gpu-prepare", action="store_true", help="prepare asks for no GPU")
+        a.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                       help="a taint the GPU pods tolerate, e.g. nvidia.com/gpu=present:NoSchedule (repeatable)")  # fmt: skip
+        a.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                       help="a node label the GPU pods need (repeatable)")  # fmt: skip
         if action == "compile":
             a.add_argument("-o", "--output", default="dseh_pipeline.yaml")
         else:
@@ -165,10 +174,11 @@ def _cluster(sub) -> None:
             a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the KFP API to answer")
         if action == "submit":
             a.add_argument("--wait", action="store_true", help="wait for the run to finish")
-            a.add_argument("--run-name")
+            a.add_argument("--run-name", help="default: dseh-<time>-<random>, one of its own per run")
         if action == "schedule":
             a.add_argument("--cron", required=True, help="KFP cron expression with seconds, e.g. '0 0 3 * * *'")
             a.add_argument("--name", default="dseh-scheduled")
+            a.add_argument("--catchup", action="store_true", help="run the intervals missed while paused, too")
 
     p = sub.add_parser("job-manifest", help="print the Kubeflow Trainer job that runs a dseh step under torchrun")
     p.add_argument("--kind", choices=["trainjob", "pytorchjob"], default="trainjob")
@@ -337,7 +347,9 @@ def _pipeline(args) -> None:
     kw = {
         "rounds": args.rounds, "gpus": args.gpus, "nodes": args.nodes, "trainer_kind": args.trainer_kind,
         "namespace": args.namespace, "cpu_limit": args.cpu_limit, "memory_limit": args.memory_limit,
-        "pvc_name": args.pvc, "enable_caching": args.enable_caching,
+        "pvc_name": args.pvc, "enable_caching": args.enable_caching, "image": args.image,
+        "accelerator_type": args.accelerator_type, "gpu_prepare": not args.no_gpu_prepare,
+        "placement": (args.toleration, args.node_selector),
     }  # fmt: skip
     if args.action == "compile":
         print(f"wrote {kfp_cli.compile_pipeline(args.params, args.output, **kw)}")
@@ -348,8 +360,9 @@ def _pipeline(args) -> None:
         )
     elif args.action == "schedule":
         out = kfp_cli.schedule(
-            args.host, args.params, args.experiment, args.cron, args.overrides, args.timeout, args.name, **kw
-        )
+            args.host, args.params, args.experiment, args.cron, args.overrides, args.timeout, args.name,
+            args.catchup, **kw,
+        )  # fmt: skip
     else:
         out = kfp_cli.run_local(args.params, args.overrides, **kw)
     print(json.dumps(out, indent=2))

@@ -4,7 +4,10 @@ kfp.Client, or run it whole on this machine under kfp.local (no cluster, no Dock
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -14,39 +17,81 @@ import yaml
 
 from dseh.config import load_config
 from dseh.errors import DsehError
-from dseh.pipeline_params import PARAMS
+from dseh.pipeline_params import PARAMS, Placement
+
+POLL_S = 15.0  # how often `submit --wait` asks for the run's state
+WAIT_S = 7 * 24 * 3600.0  # how long it waits at most
+FINAL = ("SUCCEEDED", "FAILED", "ERROR", "CANCELED", "SKIPPED")  # the run states that end a run
 
 
-def _options(params_path: str, rounds: int | None, **kw):
+def _options(params_path: str, rounds: int | None, image: str | None = None, placement=(), **kw):
+    """PipelineOptions from the params file and the CLI's options; `placement` as (tolerations, node selector)
+    texts; the image is --image, else DSEH_IMAGE, else the components' placeholder."""
+    from components.dseh_components import DEFAULT_IMAGE
     from pipelines.dseh_pipeline import PipelineOptions
 
     cfg = load_config(params_path)
     raw = yaml.safe_load(Path(params_path).read_text()) if Path(params_path).is_file() else {}
-    # one line of JSON (valid YAML): the compiler's header comment breaks on multi-line defaults
-    return PipelineOptions(params_text=json.dumps(raw or {}, sort_keys=False), rounds=rounds or cfg.train.rounds, **kw)
+    return PipelineOptions(
+        # one line of JSON (valid YAML): the compiler's header comment breaks on multi-line defaults
+        params_text=json.dumps(raw or {}, sort_keys=False),
+        rounds=rounds or cfg.train.rounds,
+        image=image or os.environ.get("DSEH_IMAGE") or DEFAULT_IMAGE,
+        placement=Placement.parse(*placement) if placement else Placement(),
+        **kw,
+    )
 
 
 def compile_pipeline(params_path: str, output: str, rounds: int | None = None, **kw) -> Path:
+    """Compile the pipeline for a cluster: it must name a real image, not the components' placeholder."""
     from kfp import compiler
 
+    from components.dseh_components import DEFAULT_IMAGE
     from pipelines.dseh_pipeline import build_pipeline
 
     opts = _options(params_path, rounds, **kw)
+    if opts.image == DEFAULT_IMAGE:
+        raise DsehError(
+            f"{DEFAULT_IMAGE} is a placeholder: build and push the project image (scripts/build_image.sh) and "
+            "name it with --image or DSEH_IMAGE"
+        )
     compiler.Compiler().compile(build_pipeline(opts), package_path=output)
     return Path(output)
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, remembering where they led (to a login page, usually)."""
+
+    last = ""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.last = newurl
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def check_host(host: str, timeout_s: float) -> None:
-    """The KFP API must answer its health check within timeout_s (kfp.Client itself retries for ~25 s)."""
+    """The KFP API must answer its health check within timeout_s (kfp.Client itself retries for ~25 s),
+    with JSON: a redirect to a login page (or a page of HTML) means the endpoint wants credentials."""
     url = host.rstrip("/") + "/apis/v2beta1/healthz"
+    auth = f"Kubeflow Pipelines at {host}: authentication required"
+    redirects = _Redirects()
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            if resp.status >= 400:
-                raise DsehError(f"Kubeflow Pipelines at {host} answered HTTP {resp.status} on {url}")
+        with urllib.request.build_opener(redirects).open(url, timeout=timeout_s) as resp:
+            kind, body = resp.headers.get_content_type(), resp.read(65536)
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403) or 300 <= exc.code < 400:
+            where = exc.headers.get("Location")
+            raise DsehError(f"{auth} (HTTP {exc.code} on {url}{f', to {where}' if where else ''})") from exc
         raise DsehError(f"Kubeflow Pipelines at {host} answered HTTP {exc.code} on {url}") from exc
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise DsehError(f"Kubeflow Pipelines at {host} is unreachable ({exc})") from exc
+    via = f"was redirected to {redirects.last}" if redirects.last else "answered"
+    if kind == "text/html":  # a login page (Dex, oauth2-proxy, a cloud identity proxy)
+        raise DsehError(f"{auth} ({url} {via} with an HTML page, not the KFP API)")
+    try:
+        json.loads(body)
+    except ValueError:
+        raise DsehError(f"Kubeflow Pipelines at {host}: {url} {via} with {kind}, not the KFP API's JSON") from None
 
 
 # the pipeline parameters `--set name=value` gives by name: all but `params` (--params, baked in at
@@ -97,12 +142,43 @@ def _upload(client, package: Path, name: str) -> tuple[str, str]:
 
 
 @contextmanager
-def _compiled(host: str, timeout_s: float, experiment: str, params_path: str, kw: dict):
-    """(kfp.Client, the experiment, the compiled package's path) for a submission."""
-    client = _client(host, timeout_s)
-    exp = client.create_experiment(experiment)
+def _published(host: str, timeout_s: float, experiment: str, params_path: str, pipeline_name: str, kw: dict):
+    """(kfp.Client, the experiment, (pipeline id, version id)): the pipeline compiled here (options
+    and image checked before the cluster is asked anything), then uploaded or versioned on it. What
+    the KFP API refuses, here or in the block, is one error with its answer."""
+    from kfp_server_api.exceptions import ApiException
+
     with tempfile.TemporaryDirectory() as tmp:
-        yield client, exp, compile_pipeline(params_path, str(Path(tmp) / "dseh_pipeline.yaml"), **kw)
+        package = compile_pipeline(params_path, str(Path(tmp) / "dseh_pipeline.yaml"), **kw)
+        client = _client(host, timeout_s)
+        try:
+            exp = client.create_experiment(experiment)
+            yield client, exp, _upload(client, package, pipeline_name)
+        except ApiException as exc:
+            body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
+            raise DsehError(f"Kubeflow Pipelines at {host} answered HTTP {exc.status} {exc.reason}: {body}") from exc
+
+
+def unique_run_name(pipeline_name: str = "dseh") -> str:
+    """A run name of its own for each submission: the pipeline's name, the time and a random tag."""
+    return f"{pipeline_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def wait_for_run(client, run_id: str, url: str, timeout_s: float = WAIT_S) -> str:
+    """Poll the run until it ends; its state when SUCCEEDED, else one error naming the state and the
+    run's page. (kfp.Client.wait_for_run_completion would wait on past a CANCELED run.)"""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = client.get_run(run_id)
+        state = str(run.state or "RUNTIME_STATE_UNSPECIFIED").upper()
+        if state == "SUCCEEDED":
+            return state
+        if state in FINAL:
+            why = f": {run.error.message}" if run.error is not None and run.error.message else ""
+            raise DsehError(f"Kubeflow Pipelines run {run_id} ended {state}{why}; see {url}")
+        if time.monotonic() > deadline:
+            raise DsehError(f"Kubeflow Pipelines run {run_id} is still {state} after {timeout_s:.0f} s; see {url}")
+        time.sleep(POLL_S)
 
 
 def submit(
@@ -116,27 +192,28 @@ def submit(
     pipeline_name: str = "dseh",
     **kw,
 ) -> dict:
-    """Create the experiment if needed, upload or version the pipeline, create the run."""
-    with _compiled(host, timeout_s, experiment, params_path, kw) as (client, exp, package):
-        pid, vid = _upload(client, package, pipeline_name)
-    run = client.run_pipeline(
-        experiment_id=exp.experiment_id,
-        job_name=run_name or f"{pipeline_name}-run",
-        params=run_arguments(sets),
-        pipeline_id=pid,
-        version_id=vid,
-        enable_caching=kw.get("enable_caching", False),
-    )
-    info = {
-        "run_id": run.run_id,
-        "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}",
-        "experiment": experiment,
-        "pipeline_id": pid,
-        "pipeline_version_id": vid,
-    }
-    if wait:
-        done = client.wait_for_run_completion(run.run_id, timeout=24 * 3600)
-        info["state"] = str(getattr(done, "state", ""))
+    """Create the experiment if needed, upload or version the pipeline, create a run of that version.
+    Caching is the compiled pipeline's, task by task (--enable-caching: the data steps only); kfp's
+    run-level enable_caching would override every task, resolve-config and promote included."""
+    with _published(host, timeout_s, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
+        run = client.run_pipeline(
+            experiment_id=exp.experiment_id,
+            job_name=run_name or unique_run_name(pipeline_name),
+            params=run_arguments(sets),
+            pipeline_id=pid,
+            version_id=vid,
+        )
+        url = f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
+        info = {
+            "run_id": run.run_id,
+            "run_name": run.display_name,
+            "url": url,
+            "experiment": experiment,
+            "pipeline_id": pid,
+            "pipeline_version_id": vid,
+        }
+        if wait:
+            info["state"] = wait_for_run(client, run.run_id, url)
     return info
 
 
@@ -148,18 +225,30 @@ def schedule(
     sets: list[str],
     timeout_s: float,
     name: str = "dseh-scheduled",
+    catchup: bool = False,
+    pipeline_name: str = "dseh",
     **kw,
 ) -> dict:
-    with _compiled(host, timeout_s, experiment, params_path, kw) as (client, exp, package):
+    """A recurring run of the uploaded, versioned pipeline (the version this package is); missed
+    intervals are not run afterwards unless `catchup`."""
+    with _published(host, timeout_s, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=name,
             cron_expression=cron,
-            pipeline_package_path=str(package),
+            pipeline_id=pid,
+            version_id=vid,
             params=run_arguments(sets),
-            enable_caching=kw.get("enable_caching", False),
+            no_catchup=not catchup,
         )
-    return {"recurring_run_id": job.recurring_run_id, "cron": cron, "experiment": experiment}
+    return {
+        "recurring_run_id": job.recurring_run_id,
+        "cron": cron,
+        "experiment": experiment,
+        "pipeline_id": pid,
+        "pipeline_version_id": vid,
+        "catchup": catchup,
+    }
 
 
 def run_local(params_path: str, sets: list[str], root: str = "local_outputs", **kw) -> dict:

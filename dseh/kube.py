@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from dseh import artifacts
 from dseh.errors import DsehError
-from dseh.pipeline_params import POD
+from dseh.pipeline_params import POD, POD_NAME_ENV, Placement
 from dseh.tracking import PIPELINE_ENV
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ SECRET_KEYS = {
     "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"),
     "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
 }
+PLACEHOLDER = "{{$."  # a KFP placeholder the backend left unresolved
 
 
 def torchrun_args(nodes: int, nproc_per_node: int) -> list[str]:
@@ -72,12 +74,14 @@ class JobOptions:
     runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
     pvc_name: str = ""  # the shared volume every node mounts at `mount_path`
     mount_path: str = "/data"
-    gpu_resource: str = "nvidia.com/gpu"
+    gpu_resource: str = POD.accelerator
+    placement: Placement = Placement()  # tolerations and node selector of every node's pod
     cpu: str = POD.cpu
     memory: str = POD.memory
     shm_size: str = POD.shm_size
     s3_secret: str = "dseh-s3"
     mlflow_secret: str = "dseh-mlflow"
+    labels: tuple[tuple[str, str], ...] = ()  # more labels of the job (its pipeline run and round)
 
 
 def _env(opts: JobOptions) -> list[dict]:
@@ -100,6 +104,16 @@ def _volumes(opts: JobOptions) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+def _scheduling(opts: JobOptions) -> dict:
+    """The pod spec fields that place every node's pod on a GPU node."""
+    spec: dict = {}
+    if opts.placement.tolerations:
+        spec["tolerations"] = [dict(t) for t in opts.placement.tolerations]
+    if opts.placement.node_selector:
+        spec["nodeSelector"] = dict(opts.placement.node_selector)
+    return spec
+
+
 def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
     """The TrainJob or PyTorchJob that runs `torchrun ... -m dseh <step_args>` on every node."""
     if opts.kind not in ("trainjob", "pytorchjob"):
@@ -112,7 +126,8 @@ def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
         "requests": {opts.gpu_resource: str(opts.gpus_per_node), "cpu": opts.cpu, "memory": opts.memory},
     }
     volumes, mounts = _volumes(opts)
-    meta = {"name": opts.name, "namespace": opts.namespace, "labels": {"app.kubernetes.io/part-of": "dseh"}}
+    labels = {"app.kubernetes.io/part-of": "dseh", **dict(opts.labels)}
+    meta = {"name": opts.name, "namespace": opts.namespace, "labels": labels}
     if opts.kind == "trainjob":
         group, version, _ = TRAINJOB
         return {
@@ -132,7 +147,11 @@ def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
                 "podTemplateOverrides": [
                     {
                         "targetJobs": [{"name": "node"}],
-                        "spec": {"volumes": volumes, "containers": [{"name": "node", "volumeMounts": mounts}]},
+                        "spec": {
+                            "volumes": volumes,
+                            "containers": [{"name": "node", "volumeMounts": mounts}],
+                            **_scheduling(opts),
+                        },
                     }
                 ],
             },
@@ -151,7 +170,7 @@ def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
         return {
             "replicas": count,
             "restartPolicy": "Never",
-            "template": {"spec": {"containers": [container], "volumes": volumes}},
+            "template": {"spec": {"containers": [container], "volumes": volumes, **_scheduling(opts)}},
         }
 
     specs = {"Master": replica(1)}
@@ -205,7 +224,8 @@ def submit_and_wait(
     manifest: dict, timeout_s: float = 24 * 3600, poll_s: float = 15.0, host: str | None = None
 ) -> dict:
     """Create the job and wait until it succeeds (returns its status) or fails (one error with its
-    message). A job of that name already there is watched, not created twice (a retried step)."""
+    message). A job of that name already there is watched, not created twice. A job that has not
+    finished within timeout_s is deleted, so that it holds no GPUs after the step has given up."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
@@ -235,20 +255,50 @@ def submit_and_wait(
             msgs = [c.get("message", "") for c in obj["status"].get("conditions", []) if c.get("type") == "Failed"]
             raise DsehError(f"{where} failed: {'; '.join(m for m in msgs if m) or 'no message'}")
         if time.monotonic() > deadline:
-            raise DsehError(f"{where} did not finish within {timeout_s:.0f} s")
+            try:
+                api.delete_namespaced_custom_object(group, version, ns, plural, name)
+                gone = "deleted"
+            except (ApiException, HTTPError) as exc:
+                gone = f"could not be deleted ({exc})"
+            raise DsehError(f"{where} did not finish within {timeout_s:.0f} s; the job {gone}")
         time.sleep(poll_s)
 
 
-def job_name(prefix: str, run_id: str) -> str:
-    """A DNS-1123 name (at most 63 characters) for a step of a pipeline run."""
+def job_name(prefix: str, *parts: str) -> str:
+    """A DNS-1123 name (at most 63 characters) for a step of a pipeline run: the prefix and a hash
+    of the parts (the run id, the attempt)."""
     import hashlib
 
     safe = "".join(ch if ch.isalnum() else "-" for ch in prefix.lower()).strip("-")[:40]
-    return f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:12]}"
+    return f"{safe}-{hashlib.sha256('/'.join(parts).encode()).hexdigest()[:12]}"
+
+
+def enter_pipeline_run(run_id: str) -> str:
+    """A Kubeflow step joins its pipeline run: DSEH_PIPELINE_RUN set to the run's id (the component's
+    `run_id` input, from dsl.PIPELINE_JOB_ID_PLACEHOLDER), so every step's MLflow run nests under
+    the run's one parent run, and the Trainer jobs it starts carry it on. An empty or unresolved id
+    leaves the variable as it is (tracking then keys the parent run by dataset and config)."""
+    if run_id and PLACEHOLDER not in run_id:
+        os.environ[PIPELINE_ENV] = run_id
+    else:
+        log.warning("no pipeline run id (got %r): the MLflow parent run is keyed by dataset and config", run_id)
+    return env_pipeline_run()
 
 
 def env_pipeline_run() -> str:
     return os.environ.get(PIPELINE_ENV, "") or f"local-{os.getpid()}-{int(time.time())}"
+
+
+def run_labels(run_id: str, round_index: int) -> tuple[tuple[str, str], ...]:
+    """The labels that find a pipeline run's Trainer jobs (kubectl get trainjobs -l dseh/pipeline-run=ID)."""
+    value = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in run_id)[:63].strip("-_.")
+    return (("dseh/pipeline-run", value), ("dseh/round", str(round_index)))
+
+
+def attempt_id() -> str:
+    """This attempt of a step: its pod's name (DSEH_POD_NAME; each retry of a KFP step is a new pod),
+    else this host and process."""
+    return os.environ.get(POD_NAME_ENV, "") or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def train_imgnet_on_cluster(
@@ -264,26 +314,26 @@ def train_imgnet_on_cluster(
 ) -> dict:
     """The ImgNet step as a multi-node job: stage the resolved params and the inputs on the shared
     volume (mounted here at opts.mount_path), run the job, copy its output to `out_dir`, and remove
-    the job's folder; returns the step's summary. A retried step finds the same job by name and
-    waits for it again."""
+    the job's folder, whether the job succeeded or not; returns the step's summary. The job's name
+    is the attempt's (a retried step runs a job and a folder of its own)."""
     import shutil
 
     from dseh.storage import copy_dir
 
     work = Path(opts.mount_path) / "dseh-jobs" / opts.name
-    (work / "inputs").mkdir(parents=True, exist_ok=True)
-    (work / "params.yaml").write_text(config_text)
     args = ["train-imgnet", "--params", str(work / "params.yaml"), "--round", str(round_index), "-q"]
-    for flag, src in (("--data", data_dir), ("--labnet", labnet_dir), ("--prev-imgnet", prev_imgnet)):
-        if src:
-            dst = work / "inputs" / flag.strip("-")
-            if not dst.exists():  # a retried step staged it already
-                copy_dir(src, dst)
-            args += [flag, str(dst)]
-    args += ["--out", str(work / "output")]
-    submit_and_wait(job_manifest(opts, args), timeout_s=timeout_s, host=host)
-    copy_dir(work / "output", out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        (work / "inputs").mkdir(parents=True, exist_ok=True)
+        (work / "params.yaml").write_text(config_text)
+        for flag, src in (("--data", data_dir), ("--labnet", labnet_dir), ("--prev-imgnet", prev_imgnet)):
+            if src:
+                copy_dir(src, work / "inputs" / flag.strip("-"))
+                args += [flag, str(work / "inputs" / flag.strip("-"))]
+        args += ["--out", str(work / "output")]
+        submit_and_wait(job_manifest(opts, args), timeout_s=timeout_s, host=host)
+        copy_dir(work / "output", out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return artifacts.read_json(Path(out_dir) / artifacts.SUMMARY)
 
 

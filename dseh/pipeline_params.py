@@ -1,13 +1,14 @@
 """What the Kubeflow pipeline takes, written once: its run-time parameters (PARAMS: name, type, default,
 the params key each sets), from which the pipeline's signature, `resolve_config`'s inputs and
-`dseh pipeline --set` are made; and the resources each step's pod asks of the cluster by default."""
+`dseh pipeline --set` are made; the resources each step's pod asks of the cluster by default (POD);
+and where the GPU pods may be placed (Placement: tolerations and a node selector)."""
 
 from __future__ import annotations
 
 import inspect
 import linecache
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dseh.errors import DsehError
 
@@ -109,6 +110,50 @@ class PodResources:
     cpu: str = "8"
     memory: str = "32Gi"
     shm_size: str = "8Gi"  # the in-memory /dev/shm for the data loaders and NCCL
+    accelerator: str = "nvidia.com/gpu"  # the extended resource a GPU pod asks for (--accelerator-type)
 
 
 POD = PodResources()
+POD_NAME_ENV = "DSEH_POD_NAME"  # a step's pod name, which the pipeline sets from metadata.name: one per attempt
+
+EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the pods that hold GPUs may run (the pipeline's GPU steps and the Trainer job's nodes):
+    tolerations of the GPU nodes' taints and node labels they must have. Pods without a GPU get neither."""
+
+    tolerations: tuple[dict, ...] = ()  # Kubernetes tolerations: key, operator, value?, effect?
+    node_selector: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, tolerations: list[str], node_selector: list[str]) -> Placement:
+        """From `--toleration` and `--node-selector` texts (see toleration and label)."""
+        return cls(tuple(toleration(t) for t in tolerations), dict(label(s) for s in node_selector))
+
+
+def toleration(text: str) -> dict:
+    """`key=value:Effect` (Equal), `key:Effect` or `key` (Exists: any value) as a Kubernetes toleration;
+    without an effect it tolerates every effect of the taint."""
+    rest, _, effect = text.rpartition(":") if ":" in text else (text, "", "")
+    key, eq, value = rest.partition("=")
+    if not key.strip() or (eq and not value) or (":" in text and effect not in EFFECTS) or " " in text:
+        raise DsehError(
+            f"--toleration '{text}' is not of the form key=value:Effect, key:Effect, key=value or key "
+            f"(Effect one of {', '.join(EFFECTS)})"
+        )
+    tol = {"key": key, "operator": "Equal" if eq else "Exists"}
+    if eq:
+        tol["value"] = value
+    if effect:
+        tol["effect"] = effect
+    return tol
+
+
+def label(text: str) -> tuple[str, str]:
+    """`key=value` -> (key, value), a node label a GPU pod's node must have."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip() or " " in text:
+        raise DsehError(f"--node-selector '{text}' is not of the form key=value")
+    return key, value

@@ -1,6 +1,7 @@
 """The DSEH Kubeflow pipeline: resolve the config, prepare, the alternating rounds unrolled
 (LabNet r, ImgNet r), evaluate, promote, and the MAP table over code lengths. The pipeline only
-wires the components; compile-time options set the number of rounds and the cluster resources.
+wires the components; compile-time options set the image, the number of rounds, the cluster
+resources and where the GPU pods may run.
 """
 
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from kfp import dsl, kubernetes
 
 from components import dseh_components as c
 from dseh.errors import DsehError
-from dseh.pipeline_params import POD, TYPED, signature
+from dseh.pipeline_params import POD, POD_NAME_ENV, TYPED, Placement, signature
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -20,12 +21,15 @@ class PipelineOptions:
     """Compile-time choices: the DAG's shape and what each pod asks of the cluster."""
 
     params_text: str  # params.yaml baked in as the default of the `params` parameter
+    image: str = c.IMAGE  # the project image every step runs on
     rounds: int = 1
     gpus: int = 1  # per training pod (per node); more than 1: the steps run data-parallel under torchrun
+    gpu_prepare: bool = True  # prepare asks for one GPU too (with gpus > 0)
     nodes: int = 1  # more than 1: ImgNet runs as a Kubeflow Trainer job over this many nodes (needs pvc_name)
     trainer_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob (Training Operator v1)
     namespace: str = "kubeflow"  # where the Trainer job is created
-    gpu_type: str = "nvidia.com/gpu"
+    accelerator_type: str = POD.accelerator
+    placement: Placement = Placement()  # tolerations and node selector of every pod that holds a GPU
     cpu_limit: str = POD.cpu
     memory_limit: str = POD.memory
     shm_size: str = POD.shm_size
@@ -34,81 +38,91 @@ class PipelineOptions:
     enable_caching: bool = False  # data steps reuse results for the same data_version and config only
 
 
+def place_gpus(task, opts: PipelineOptions, gpus: int):
+    """`gpus` of the accelerator type, on a node the placement allows (its taints tolerated, its labels matched)."""
+    task.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(gpus)
+    for tol in opts.placement.tolerations:
+        kubernetes.add_toleration(task, **tol)
+    for key, value in opts.placement.node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+
+
+def data_step(task, opts: PipelineOptions, p: dict, gpus: int = 0, cache: bool | None = None):
+    """A data step's pod: resources, GPUs and their placement, retries, caching (opts.enable_caching
+    unless `cache` says otherwise), /dev/shm, the volume and the credentials (the Secrets named by the
+    pipeline parameters in `p`)."""
+    task.set_cpu_limit(opts.cpu_limit).set_memory_limit(opts.memory_limit)
+    if gpus > 0:
+        place_gpus(task, opts, gpus)
+    task.set_retry(num_retries=opts.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s")
+    task.set_caching_options(opts.enable_caching if cache is None else cache)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=opts.shm_size
+    )
+    if opts.pvc_name:
+        kubernetes.mount_pvc(task, pvc_name=opts.pvc_name, mount_path="/data")
+    for secret, keys in ((p["s3_secret"], S3_KEYS), (p["mlflow_secret"], MLFLOW_KEYS)):
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
+    return task
+
+
 def build_pipeline(opts: PipelineOptions):
     """The @dsl.pipeline function for these options."""
     if opts.nodes > 1 and not opts.pvc_name:
         raise DsehError("--nodes > 1 needs --pvc: the Trainer job's nodes share the inputs and output on it")
     if opts.trainer_kind not in ("trainjob", "pytorchjob"):
         raise DsehError(f"unknown trainer job kind '{opts.trainer_kind}': trainjob or pytorchjob")
+    comp = c.on_image(opts.image)
 
-    def gpu_step(task, gpu: bool = True):
-        task.set_cpu_limit(opts.cpu_limit).set_memory_limit(opts.memory_limit)
-        if gpu and opts.gpus > 0:
-            task.set_accelerator_type(opts.gpu_type).set_accelerator_limit(opts.gpus)
-        task.set_retry(
-            num_retries=opts.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s"
-        )
-        task.set_caching_options(opts.enable_caching)
-        kubernetes.empty_dir_mount(
-            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=opts.shm_size
-        )
-        if opts.pvc_name:
-            kubernetes.mount_pvc(task, pvc_name=opts.pvc_name, mount_path="/data")
-        return task
+    def step(task, p: dict, gpus: int = 0, cache: bool | None = None):
+        return data_step(task, opts, p, gpus, cache)
 
-    def secrets(task, s3_secret, mlflow_secret):
-        kubernetes.use_secret_as_env(
-            task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_KEYS}, optional=True
-        )
-        kubernetes.use_secret_as_env(
-            task, secret_name=mlflow_secret, secret_key_to_env={k: k for k in MLFLOW_KEYS}, optional=True
-        )
-        task.set_env_variable("DSEH_PIPELINE_RUN", dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        return task
+    def imgnet_job(p: dict, common: dict, labnet, r: int):
+        """ImgNet over several nodes: a light pod that runs the Trainer job and waits for it."""
+        task = comp.train_imgnet_job(
+            labnet=labnet, image=opts.image, nodes=opts.nodes, gpus=opts.gpus, kind=opts.trainer_kind,
+            pvc_name=opts.pvc_name, namespace=opts.namespace, s3_secret=p["s3_secret"],
+            mlflow_secret=p["mlflow_secret"], gpu_resource=opts.accelerator_type,
+            tolerations=list(opts.placement.tolerations), node_selector=dict(opts.placement.node_selector), **common,
+        )  # fmt: skip
+        # the pod's name tells one attempt from the next: each retry starts a Trainer job of its own
+        kubernetes.use_field_path_as_env(task, env_name=POD_NAME_ENV, field_path="metadata.name")
+        return step(task, p).set_display_name(f"train ImgNet round {r} on {opts.nodes} nodes")
 
     def dseh_pipeline(*values):
         # KFP reads the parameters from the signature set below and passes one channel per parameter, in order
         p = dict(zip(params_signature.parameters, values))
-        data_version, s3_secret, mlflow_secret = p["data_version"], p["s3_secret"], p["mlflow_secret"]
-        cfg = c.resolve_config(
+        cfg = comp.resolve_config(
             params=p["params"],
             overrides=p["overrides"],
-            data_version=data_version,
+            data_version=p["data_version"],
             rounds=opts.rounds,
             **{t.name: p[t.name] for t in TYPED},
         )
-        cfg.set_caching_options(False).set_display_name("resolve config")
-        config = cfg.output
-        prep = secrets(
-            gpu_step(c.prepare(config=config, data_version=data_version), gpu=False), s3_secret, mlflow_secret
-        )
+        cfg.set_caching_options(False).set_display_name("resolve config")  # always runs: it reads the run's inputs
+        # the run's id, resolved by the KFP backend in task inputs (not in env variables): one MLflow parent run
+        run = {"config": cfg.output, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        prep = step(comp.prepare(data_version=p["data_version"], **run), p, 1 if opts.gpu_prepare else 0)
         data = prep.outputs["data"]
         lab = img = None
         for r in range(opts.rounds):
+            common = dict(data_version=p["data_version"], round_index=r, data=data, **run)
             prev = {"prev_labnet": lab.outputs["labnet"], "prev_imgnet": img.outputs["imgnet"]} if r else {}
-            lab = c.train_labnet(
-                config=config, data_version=data_version, round_index=r, data=data, gpus=opts.gpus, **prev
-            )
-            secrets(gpu_step(lab), s3_secret, mlflow_secret).set_display_name(f"train LabNet round {r}")
-            prev = {"prev_imgnet": img.outputs["imgnet"]} if r else {}
-            common = dict(config=config, data_version=data_version, round_index=r, data=data, **prev)
-            if opts.nodes > 1:  # a light pod that runs the Trainer job and waits for it
-                img = c.train_imgnet_job(
-                    labnet=lab.outputs["labnet"], image=c.IMAGE, nodes=opts.nodes, gpus=opts.gpus,
-                    kind=opts.trainer_kind, pvc_name=opts.pvc_name, namespace=opts.namespace,
-                    s3_secret=s3_secret, mlflow_secret=mlflow_secret, **common,
-                )  # fmt: skip
-                img = secrets(gpu_step(img, gpu=False), s3_secret, mlflow_secret)
-                img.set_display_name(f"train ImgNet round {r} on {opts.nodes} nodes")
+            lab = step(comp.train_labnet(gpus=opts.gpus, **common, **prev), p, opts.gpus)
+            lab.set_display_name(f"train LabNet round {r}")
+            common.update({"prev_imgnet": img.outputs["imgnet"]} if r else {})
+            if opts.nodes > 1:
+                img = imgnet_job(p, common, lab.outputs["labnet"], r)
             else:
-                img = c.train_imgnet(labnet=lab.outputs["labnet"], gpus=opts.gpus, **common)
-                secrets(gpu_step(img), s3_secret, mlflow_secret).set_display_name(f"train ImgNet round {r}")
-        ev = c.evaluate(config=config, data=data, labnet=lab.outputs["labnet"], imgnet=img.outputs["imgnet"])
-        secrets(gpu_step(ev), s3_secret, mlflow_secret)
-        pro = c.promote(config=config, data=data, imgnet=img.outputs["imgnet"], evaluation=ev.outputs["evaluation"])
-        secrets(gpu_step(pro, gpu=False), s3_secret, mlflow_secret).set_caching_options(False)
-        table = c.map_table(config=config, data_version=data_version, data=data)
-        secrets(gpu_step(table), s3_secret, mlflow_secret).set_display_name("MAP table over code lengths")
+                img = step(comp.train_imgnet(labnet=lab.outputs["labnet"], gpus=opts.gpus, **common), p, opts.gpus)
+                img.set_display_name(f"train ImgNet round {r}")
+        models = {"labnet": lab.outputs["labnet"], "imgnet": img.outputs["imgnet"]}
+        ev = step(comp.evaluate(data=data, **models, **run), p, opts.gpus)
+        # promotion always runs: it reads the registry's champion, which changes between runs
+        pro = comp.promote(data=data, imgnet=models["imgnet"], evaluation=ev.outputs["evaluation"], **run)
+        step(pro, p, cache=False)
+        table = step(comp.map_table(data_version=p["data_version"], data=data, **run), p, opts.gpus)
+        table.set_display_name("MAP table over code lengths")
 
     params_signature = signature(params=opts.params_text)
     dseh_pipeline.__signature__ = params_signature

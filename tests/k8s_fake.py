@@ -1,7 +1,8 @@
 """A local HTTP server speaking the Kubernetes custom-object calls that dseh.kube makes (create and
-get a TrainJob or PyTorchJob). It plays the cluster: on create it runs the job's torchrun command
-on this machine (all nodes' processes as one local torchrun, gloo on the CPU) and reports the
-job's conditions from that run, so the staged inputs and the command are exercised for real."""
+get a TrainJob or PyTorchJob; delete one that overran). It plays the cluster: on create it runs the
+job's torchrun command on this machine (all nodes' processes as one local torchrun, gloo on the
+CPU) and reports the job's conditions from that run, so the staged inputs and the command are
+exercised for real."""
 
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ class FakeKubernetes:
                 if name not in outer.jobs:
                     return self._reply({"kind": "Status", "code": 404, "reason": "NotFound"}, 404)
                 self._reply(outer.jobs[name])
+
+            def do_DELETE(self):
+                outer.requests.append({"method": "DELETE", "path": self.path})
+                name = self.path.rstrip("/").rsplit("/", 1)[-1]
+                if outer.jobs.pop(name, None) is None:
+                    return self._reply({"kind": "Status", "code": 404, "reason": "NotFound"}, 404)
+                self._reply({"kind": "Status", "status": "Success"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -18,11 +18,13 @@ from tests.conftest import REPO, free_port, tiny_raw
 from tests.kfp_fake import FakeKfp
 
 TRAINING = ("train-labnet", "train-imgnet", "evaluate", "map-table")
+REGISTRY_IMAGE = "registry.example/dseh:0.1.0"
 
 
 def _compile(tmp_path, monkeypatch, *extra) -> dict:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-never-in-yaml")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "another-s3cr3t")
+    monkeypatch.setenv("DSEH_IMAGE", REGISTRY_IMAGE)  # compile refuses the components' placeholder image
     out = tmp_path / "p.yaml"
     assert main(["pipeline", "compile", "--params", str(REPO / "params.yaml"), "-o", str(out), *extra]) == 0
     text = out.read_text()
@@ -201,11 +203,20 @@ def test_whole_pipeline_runs_locally(tmp_path, monkeypatch):
     html = (run / "evaluate/report").read_text()
     assert 'id="map-table"' in html
     assert (run / "train-imgnet/imgnet/model.pt").is_file() and (run / "train-imgnet/imgnet/codes.npy").is_file()
+    # kfp.local resolved the run id placeholder in the task inputs: the steps agree on one pipeline run
+    outs = {
+        t: json.loads((run / t / "executor_output.json").read_text())["artifacts"] for t in ("prepare", "train-imgnet")
+    }
+    (seen,) = {outs["prepare"]["data"]["artifacts"][0]["metadata"]["pipeline_run"]} | {
+        outs["train-imgnet"]["imgnet"]["artifacts"][0]["metadata"]["pipeline_run"]
+    }
+    assert seen and "{{" not in seen and not seen.startswith("local-")
     assert "| bits |" in (run / "map-table/table").read_text()
     assert "skipped" in (run / "promote/decision").read_text()
 
 
-def test_submit_and_schedule_send_the_expected_requests(tmp_path, capsys):
+def test_submit_and_schedule_send_the_expected_requests(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DSEH_IMAGE", REGISTRY_IMAGE)
     with FakeKfp() as kfp:
         args = [
             "pipeline",
@@ -268,7 +279,8 @@ def test_submit_and_schedule_send_the_expected_requests(tmp_path, capsys):
         assert sum(1 for r in kfp.requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/experiments") == 1
 
 
-def test_refusing_or_silent_server_is_a_clear_error(capsys):
+def test_refusing_or_silent_server_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("DSEH_IMAGE", REGISTRY_IMAGE)
     port = free_port()
     assert (
         main(["pipeline", "submit", "--host", f"http://127.0.0.1:{port}", "--params", str(REPO / "params.yaml")]) == 2
