@@ -252,7 +252,7 @@ def test_s3_wrong_credentials_end_in_access_denied(tmp_path, s3_env, monkeypatch
 
 
 def test_s3_unreachable_server_fails_fast(tmp_path, monkeypatch):
-    from tests.conftest import free_port
+    from tests.servers import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")

@@ -17,7 +17,8 @@ from dseh import artifacts, stages
 from dseh.codes import unpack
 from dseh.config import from_dict
 from dseh.errors import DsehError
-from tests.conftest import LEARNING, REPO, free_port, tiny_raw
+from tests.conftest import LEARNING, REPO, tiny_raw
+from tests.servers import free_port
 
 
 def _raw(**extra):
