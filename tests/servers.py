@@ -115,6 +115,8 @@ def s3_server(tmp_path_factory):
             "-s3",
             f"-s3.port={s3}",
             f"-s3.config={data / 's3.json'}",
+            "-s3.port.iceberg=0",  # SeaweedFS 4.x also opens an Iceberg (8181) and a Lance (9101)
+            "-s3.port.lance=0",  # listener on fixed ports: off, so concurrent test runs never clash
             "-metricsPort=0",
             "-volume.max=100",
             "-master.volumeSizeLimitMB=32",
