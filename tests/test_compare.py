@@ -21,7 +21,7 @@ from dseh.data import PreparedData
 from dseh.errors import DsehError
 from dseh.models.factory import build_imgnet
 from dseh.train import phases
-from tests.conftest import REPO, tiny_raw
+from tests.helpers import REPO, tiny_raw
 
 COMPARE = {
     "methods": ["dseh", "dpsh", "hashnet", "itq", "lsh"],

@@ -14,7 +14,7 @@ from dseh.cli import main
 from dseh.config import load_config, to_dict
 from dseh.errors import DsehError
 from dseh.pipeline_params import PARAMS, POD, TYPED
-from tests.conftest import REPO, tiny_raw
+from tests.helpers import REPO, tiny_raw
 from tests.kfp_fake import FakeKfp
 from tests.servers import free_port
 

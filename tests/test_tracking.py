@@ -17,7 +17,7 @@ from dseh import artifacts, stages
 from dseh.codes import unpack
 from dseh.config import from_dict
 from dseh.errors import DsehError
-from tests.conftest import LEARNING, REPO, tiny_raw
+from tests.helpers import LEARNING, REPO, tiny_raw
 from tests.servers import free_port
 
 

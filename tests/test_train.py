@@ -15,7 +15,7 @@ from dseh.config import from_dict
 from dseh.errors import DsehError
 from dseh.models.factory import load_imgnet
 from dseh.train.loop import lr_for_epoch
-from tests.conftest import REPO, tiny_raw
+from tests.helpers import REPO, tiny_raw
 
 
 @pytest.fixture(scope="module")
