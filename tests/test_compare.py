@@ -46,29 +46,22 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmpdata")
-    stages.prepare(from_dict(tiny_raw()), root / "data", progress=False)
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory, data_dir):
+def compared(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as mp:  # MLflow exports its URI and experiment: undo that after
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
         mp.chdir(root)  # the embedded default store: ./mlflow.db
         cfg = from_dict(tiny_raw(**SMALL, tracking={"enabled": True}, compare=COMPARE))
-        result = cmp.compare(cfg, data_dir, root / "out", root / "runs")
+        result = cmp.compare(cfg, tiny_data, root / "out", root / "runs")
     return root, cfg, result
 
 
 @pytest.mark.parametrize("method", ["dpsh", "hashnet", "itq"])
-def test_method_param_runs_the_pipeline_steps(tmp_path, data_dir, method, capsys):
+def test_method_param_runs_the_pipeline_steps(tmp_path, tiny_data, method, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_raw(method=method)))
-    args = ["--params", str(params), "--root", str(tmp_path), "--data", str(data_dir), "-q"]
+    args = ["--params", str(params), "--root", str(tmp_path), "--data", str(tiny_data), "-q"]
     for cmd in (["train-labnet"], ["train-imgnet"], ["evaluate"]):
         assert main(cmd + args) == 0, cmd
     assert not (tmp_path / "labnet/round0/model.pt").exists()
@@ -108,13 +101,13 @@ def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
     assert seen == [7 + 2 * per_epoch]
 
 
-def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, data_dir):
+def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, tiny_data):
     cache = tmp_path / "labnet-cache"
     quick = tiny_raw(imgnet={"epochs": [1]})
-    first = experiments.train_rounds(from_dict(quick), data_dir, artifacts.Layout(tmp_path / "a"), False, cache)
+    first = experiments.train_rounds(from_dict(quick), tiny_data, artifacts.Layout(tmp_path / "a"), False, cache)
     imgnet_only = from_dict(quick, ["imgnet.gamma_if=0"])  # DSEH-S: ImgNet's params differ
-    shared = experiments.train_rounds(imgnet_only, data_dir, artifacts.Layout(tmp_path / "b"), False, cache)
-    fresh = experiments.train_rounds(imgnet_only, data_dir, artifacts.Layout(tmp_path / "c"), False, None)
+    shared = experiments.train_rounds(imgnet_only, tiny_data, artifacts.Layout(tmp_path / "b"), False, cache)
+    fresh = experiments.train_rounds(imgnet_only, tiny_data, artifacts.Layout(tmp_path / "c"), False, None)
     assert not first.get("reused") and shared["reused"] and not fresh.get("reused")
     assert shared["seconds"] == first["seconds"]  # the shared LabNet's own training time
     with np.load(tmp_path / "b/labnet/round0/targets.npz") as b, np.load(tmp_path / "c/labnet/round0/targets.npz") as c:
@@ -123,13 +116,13 @@ def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path
         np.load(tmp_path / "b/imgnet/round0/codes.npy"), np.load(tmp_path / "c/imgnet/round0/codes.npy")
     )
     other = experiments.train_rounds(
-        from_dict(quick, ["labnet.gamma_hl=0"]), data_dir, artifacts.Layout(tmp_path / "d"), False, cache
+        from_dict(quick, ["labnet.gamma_hl=0"]), tiny_data, artifacts.Layout(tmp_path / "d"), False, cache
     )
     assert not other.get("reused") and len(list(cache.iterdir())) == 2
 
 
-def test_validation_split_stays_inside_the_training_set(data_dir):
-    data = PreparedData(data_dir)
+def test_validation_split_stays_inside_the_training_set(tiny_data):
+    data = PreparedData(tiny_data)
     val = cmp.validation_split(data, 0.25, seed=0)
     assert set(val.query) | set(val.train) == set(data.train)
     assert not set(val.query) & set(val.train)
@@ -224,12 +217,12 @@ def test_compare_writes_tables_1_and_2_and_logs_them(compared):
     assert "compare/tables.md" in arts
 
 
-def test_compare_reuses_finished_runs(compared, data_dir):
+def test_compare_reuses_finished_runs(compared, tiny_data):
     root, cfg, result = compared
     stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("result.json")}
     again = cmp.compare(
         from_dict(tiny_raw(**SMALL, tracking={"enabled": False}, compare=COMPARE)),
-        data_dir,
+        tiny_data,
         root / "out2",
         root / "runs",
     )
@@ -237,12 +230,12 @@ def test_compare_reuses_finished_runs(compared, data_dir):
     assert again["tables"]["markdown"] == result["tables"]["markdown"]
 
 
-def test_results_do_not_depend_on_parallel_jobs(compared, data_dir, tmp_path):
+def test_results_do_not_depend_on_parallel_jobs(compared, tiny_data, tmp_path):
     root, cfg, result = compared
     best = {m: tuple(t) for m, t in result["best_trials"].items()}
     specs = [s for s in cmp.plan_tables(cfg, best) if s.method == "dseh" and s.group == "table1"]
     cfg2 = from_dict(tiny_raw(**SMALL, compare={**COMPARE, "jobs": 2}))
-    parallel = cmp._run_all(cfg2, specs, str(data_dir), str(tmp_path))
+    parallel = cmp._run_all(cfg2, specs, str(tiny_data), str(tmp_path))
     serial = [json.loads((root / "runs" / s.key / "result.json").read_text()) for s in specs]
     assert [r["map_all"] for r in parallel] == [r["map_all"] for r in serial]
 
@@ -259,12 +252,12 @@ def test_comparison_dvc_stage_follows_the_stage_contract(compared):
 
 
 @pytest.mark.parametrize("method", ["dpsh", "itq"])
-def test_every_dvc_dependency_exists_for_the_other_methods(tmp_path, data_dir, method):
+def test_every_dvc_dependency_exists_for_the_other_methods(tmp_path, tiny_data, method):
     from dseh.dvcfile import render
 
     cfg = from_dict(tiny_raw(method=method, train={"rounds": 2}, imgnet={"epochs": [1]}))
     lay = artifacts.Layout(tmp_path)
-    lay.data.symlink_to(data_dir)
+    lay.data.symlink_to(tiny_data)
     experiments.train_rounds(cfg, lay.data, lay, progress=False)
     stages.evaluate(cfg, lay.data, lay.labnet(1), lay.imgnet(1), lay.eval, progress=False)
     graph = yaml.safe_load(render(cfg, lay))["stages"]
