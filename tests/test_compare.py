@@ -1,26 +1,20 @@
-"""The methods in the pipeline (`method`: dpsh, hashnet, itq, lsh) and `dseh compare`: tuning on a
-validation split, Tables 1 and 2 with collapse counted, the run cache, MLflow logging."""
+"""`dseh compare`: tuning on a validation split, Tables 1 and 2 with collapse counted, the run
+cache and the shared LabNets, parallel jobs, MLflow logging, the comparison's DVC stage."""
 
 import csv
 import json
 import math
-import os
 
 import mlflow
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from dseh import artifacts, experiments, stages
+from dseh import artifacts, experiments
 from dseh import compare as cmp
-from dseh.artifacts import load_step_model
-from dseh.cli import main
 from dseh.config import from_dict
 from dseh.data import PreparedData
 from dseh.errors import DsehError
-from dseh.models.factory import build_imgnet
-from dseh.train import phases
 from tests.helpers import REPO, tiny_raw
 
 COMPARE = {
@@ -55,50 +49,6 @@ def compared(tmp_path_factory, tiny_data):
         cfg = from_dict(tiny_raw(**SMALL, tracking={"enabled": True}, compare=COMPARE))
         result = cmp.compare(cfg, tiny_data, root / "out", root / "runs")
     return root, cfg, result
-
-
-@pytest.mark.parametrize("method", ["dpsh", "hashnet", "itq"])
-def test_method_param_runs_the_pipeline_steps(tmp_path, tiny_data, method, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_raw(method=method)))
-    args = ["--params", str(params), "--root", str(tmp_path), "--data", str(tiny_data), "-q"]
-    for cmd in (["train-labnet"], ["train-imgnet"], ["evaluate"]):
-        assert main(cmd + args) == 0, cmd
-    assert not (tmp_path / "labnet/round0/model.pt").exists()
-    assert json.loads((tmp_path / "labnet/round0/summary.json").read_text())["method"] == method
-    m = json.loads((tmp_path / "eval/metrics.json").read_text())
-    assert 0 < m["map_all"] <= 1 and "labnet" not in m
-    assert (tmp_path / "eval/report.html").is_file()
-    assert (tmp_path / "eval/figures/heatmaps.png").exists() == (method != "itq")
-    assert load_step_model(tmp_path / "imgnet/round0", ("imgnet", "linear-hash")).method == method
-    if method == "itq":
-        capsys.readouterr()
-        assert main(["evaluate", *args, "--encode"]) == 2
-        assert main(["promote", *args]) == 2
-        err = capsys.readouterr().err
-        assert err.count("holds itq codes, not an image network") == 2
-    else:
-        hist = (tmp_path / "imgnet/round0/history.csv").read_text().splitlines()[0]
-        assert ("beta" in hist) == (method == "hashnet")
-
-
-def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
-    model = build_imgnet(tiny_cfg, 12)
-    images = np.zeros((10, 12, 12, 3), np.uint8)
-    seen = []
-
-    def objective(t, f, u, step):
-        seen.append(step)
-        return {"loss": u.sum()}
-
-    phase = phases.imgnet_phase(
-        model, None, [1.0], images, np.arange(10), objective, tiny_cfg.imgnet, tiny_cfg.train, 1, 1, 0,
-        torch.device("cpu"), step_offset=7,
-    )  # fmt: skip
-    idx = np.arange(3)
-    phase.step(phase.model, idx, phase.fetch(idx, 2, 0))
-    per_epoch = -(-10 // tiny_cfg.imgnet.batch_size)
-    assert seen == [7 + 2 * per_epoch]
 
 
 def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, tiny_data):
@@ -249,18 +199,3 @@ def test_comparison_dvc_stage_follows_the_stage_contract(compared):
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     written = {p.name for p in (root / "out").iterdir()}
     assert {o.removeprefix("outputs/compare/") for o in outs} == written
-
-
-@pytest.mark.parametrize("method", ["dpsh", "itq"])
-def test_every_dvc_dependency_exists_for_the_other_methods(tmp_path, tiny_data, method):
-    from dseh.dvcfile import render
-
-    cfg = from_dict(tiny_raw(method=method, train={"rounds": 2}, imgnet={"epochs": [1]}))
-    lay = artifacts.Layout(tmp_path)
-    lay.data.symlink_to(tiny_data)
-    experiments.train_rounds(cfg, lay.data, lay, progress=False)
-    stages.evaluate(cfg, lay.data, lay.labnet(1), lay.imgnet(1), lay.eval, progress=False)
-    graph = yaml.safe_load(render(cfg, lay))["stages"]
-    for name in ("train_labnet_r1", "train_imgnet_r0", "train_imgnet_r1", "evaluate", "promote"):
-        missing = [d for d in graph[name]["deps"] if d != "dseh" and not os.path.exists(d)]
-        assert not missing, (name, missing)
