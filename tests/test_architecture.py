@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from dseh.config import Config, to_dict
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PKG = REPO / "dseh"
 

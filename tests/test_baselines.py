@@ -1,4 +1,4 @@
-"""Baselines: LSH and ITQ against their definitions, DPSH and HashNet losses by hand, collapse."""
+"""Baselines: LSH and ITQ against their definitions, DPSH and HashNet losses by hand."""
 
 import math
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dseh import baselines as bl
-from dseh.codes import collapse, pack
 from dseh.evaluation import mean_average_precision
 
 
@@ -91,15 +90,3 @@ def test_hashnet_loss_by_hand_weights_pairs_by_inverse_frequency():
 def test_hashnet_continuation_grows():
     betas = [bl.hashnet_beta(s) for s in (0, 199, 200, 10_000)]
     assert betas[0] == betas[1] == 1.0 and betas[2] > 1.0 and betas[3] > betas[2]
-
-
-def test_collapse_detection():
-    assert collapse(pack(np.ones((10, 8))), 8, 2)["collapsed"]
-    codes = np.where(np.random.default_rng(0).random((50, 8)) < 0.5, 1, -1)
-    assert not collapse(pack(codes), 8, 2)["collapsed"]
-    codes[:, 3] = 1
-    assert collapse(pack(codes), 8, 2) == {"constant_bits": 1, "distinct_codes": 43, "collapsed": False}
-    # one code per class for 10 classes: collapsed against 16 distinct codes, not when capped at 10 label sets
-    ten = pack(np.repeat(np.where(np.random.default_rng(1).random((10, 8)) < 0.5, 1, -1), 5, axis=0))
-    assert collapse(ten, 8, 16)["collapsed"] and not collapse(ten, 8, 16, label_sets=10)["collapsed"]
-    assert collapse(ten[:40], 8, 16, label_sets=10)["collapsed"]  # 8 codes for 10 label sets

@@ -1,27 +1,21 @@
-"""The methods in the pipeline (`method`: dpsh, hashnet, itq, lsh) and `dseh compare`: tuning on a
-validation split, Tables 1 and 2 with collapse counted, the run cache, MLflow logging."""
+"""`dseh compare`: tuning on a validation split, Tables 1 and 2 with collapse counted, the run
+cache and the shared LabNets, parallel jobs, MLflow logging, the comparison's DVC stage."""
 
 import csv
 import json
 import math
-import os
 
 import mlflow
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from dseh import artifacts, experiments, stages
+from dseh import artifacts, experiments
 from dseh import compare as cmp
-from dseh.artifacts import load_step_model
-from dseh.cli import main
 from dseh.config import from_dict
 from dseh.data import PreparedData
 from dseh.errors import DsehError
-from dseh.models.factory import build_imgnet
-from dseh.train import phases
-from tests.conftest import REPO, tiny_raw
+from tests.helpers import REPO, tiny_raw
 
 COMPARE = {
     "methods": ["dseh", "dpsh", "hashnet", "itq", "lsh"],
@@ -46,75 +40,24 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmpdata")
-    stages.prepare(from_dict(tiny_raw()), root / "data", progress=False)
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory, data_dir):
+def compared(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as mp:  # MLflow exports its URI and experiment: undo that after
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
         mp.chdir(root)  # the embedded default store: ./mlflow.db
         cfg = from_dict(tiny_raw(**SMALL, tracking={"enabled": True}, compare=COMPARE))
-        result = cmp.compare(cfg, data_dir, root / "out", root / "runs")
+        result = cmp.compare(cfg, tiny_data, root / "out", root / "runs")
     return root, cfg, result
 
 
-@pytest.mark.parametrize("method", ["dpsh", "hashnet", "itq"])
-def test_method_param_runs_the_pipeline_steps(tmp_path, data_dir, method, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_raw(method=method)))
-    args = ["--params", str(params), "--root", str(tmp_path), "--data", str(data_dir), "-q"]
-    for cmd in (["train-labnet"], ["train-imgnet"], ["evaluate"]):
-        assert main(cmd + args) == 0, cmd
-    assert not (tmp_path / "labnet/round0/model.pt").exists()
-    assert json.loads((tmp_path / "labnet/round0/summary.json").read_text())["method"] == method
-    m = json.loads((tmp_path / "eval/metrics.json").read_text())
-    assert 0 < m["map_all"] <= 1 and "labnet" not in m
-    assert (tmp_path / "eval/report.html").is_file()
-    assert (tmp_path / "eval/figures/heatmaps.png").exists() == (method != "itq")
-    assert load_step_model(tmp_path / "imgnet/round0", ("imgnet", "linear-hash")).method == method
-    if method == "itq":
-        capsys.readouterr()
-        assert main(["evaluate", *args, "--encode"]) == 2
-        assert main(["promote", *args]) == 2
-        err = capsys.readouterr().err
-        assert err.count("holds itq codes, not an image network") == 2
-    else:
-        hist = (tmp_path / "imgnet/round0/history.csv").read_text().splitlines()[0]
-        assert ("beta" in hist) == (method == "hashnet")
-
-
-def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
-    model = build_imgnet(tiny_cfg, 12)
-    images = np.zeros((10, 12, 12, 3), np.uint8)
-    seen = []
-
-    def objective(t, f, u, step):
-        seen.append(step)
-        return {"loss": u.sum()}
-
-    phase = phases.imgnet_phase(
-        model, None, [1.0], images, np.arange(10), objective, tiny_cfg.imgnet, tiny_cfg.train, 1, 1, 0,
-        torch.device("cpu"), step_offset=7,
-    )  # fmt: skip
-    idx = np.arange(3)
-    phase.step(phase.model, idx, phase.fetch(idx, 2, 0))
-    per_epoch = -(-10 // tiny_cfg.imgnet.batch_size)
-    assert seen == [7 + 2 * per_epoch]
-
-
-def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, data_dir):
+def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path, tiny_data):
     cache = tmp_path / "labnet-cache"
     quick = tiny_raw(imgnet={"epochs": [1]})
-    first = experiments.train_rounds(from_dict(quick), data_dir, artifacts.Layout(tmp_path / "a"), False, cache)
+    first = experiments.train_rounds(from_dict(quick), tiny_data, artifacts.Layout(tmp_path / "a"), False, cache)
     imgnet_only = from_dict(quick, ["imgnet.gamma_if=0"])  # DSEH-S: ImgNet's params differ
-    shared = experiments.train_rounds(imgnet_only, data_dir, artifacts.Layout(tmp_path / "b"), False, cache)
-    fresh = experiments.train_rounds(imgnet_only, data_dir, artifacts.Layout(tmp_path / "c"), False, None)
+    shared = experiments.train_rounds(imgnet_only, tiny_data, artifacts.Layout(tmp_path / "b"), False, cache)
+    fresh = experiments.train_rounds(imgnet_only, tiny_data, artifacts.Layout(tmp_path / "c"), False, None)
     assert not first.get("reused") and shared["reused"] and not fresh.get("reused")
     assert shared["seconds"] == first["seconds"]  # the shared LabNet's own training time
     with np.load(tmp_path / "b/labnet/round0/targets.npz") as b, np.load(tmp_path / "c/labnet/round0/targets.npz") as c:
@@ -123,13 +66,13 @@ def test_labnet_is_shared_only_between_runs_with_the_same_labnet_inputs(tmp_path
         np.load(tmp_path / "b/imgnet/round0/codes.npy"), np.load(tmp_path / "c/imgnet/round0/codes.npy")
     )
     other = experiments.train_rounds(
-        from_dict(quick, ["labnet.gamma_hl=0"]), data_dir, artifacts.Layout(tmp_path / "d"), False, cache
+        from_dict(quick, ["labnet.gamma_hl=0"]), tiny_data, artifacts.Layout(tmp_path / "d"), False, cache
     )
     assert not other.get("reused") and len(list(cache.iterdir())) == 2
 
 
-def test_validation_split_stays_inside_the_training_set(data_dir):
-    data = PreparedData(data_dir)
+def test_validation_split_stays_inside_the_training_set(tiny_data):
+    data = PreparedData(tiny_data)
     val = cmp.validation_split(data, 0.25, seed=0)
     assert set(val.query) | set(val.train) == set(data.train)
     assert not set(val.query) & set(val.train)
@@ -224,12 +167,12 @@ def test_compare_writes_tables_1_and_2_and_logs_them(compared):
     assert "compare/tables.md" in arts
 
 
-def test_compare_reuses_finished_runs(compared, data_dir):
+def test_compare_reuses_finished_runs(compared, tiny_data):
     root, cfg, result = compared
     stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("result.json")}
     again = cmp.compare(
         from_dict(tiny_raw(**SMALL, tracking={"enabled": False}, compare=COMPARE)),
-        data_dir,
+        tiny_data,
         root / "out2",
         root / "runs",
     )
@@ -237,12 +180,12 @@ def test_compare_reuses_finished_runs(compared, data_dir):
     assert again["tables"]["markdown"] == result["tables"]["markdown"]
 
 
-def test_results_do_not_depend_on_parallel_jobs(compared, data_dir, tmp_path):
+def test_results_do_not_depend_on_parallel_jobs(compared, tiny_data, tmp_path):
     root, cfg, result = compared
     best = {m: tuple(t) for m, t in result["best_trials"].items()}
     specs = [s for s in cmp.plan_tables(cfg, best) if s.method == "dseh" and s.group == "table1"]
     cfg2 = from_dict(tiny_raw(**SMALL, compare={**COMPARE, "jobs": 2}))
-    parallel = cmp._run_all(cfg2, specs, str(data_dir), str(tmp_path))
+    parallel = cmp._run_all(cfg2, specs, str(tiny_data), str(tmp_path))
     serial = [json.loads((root / "runs" / s.key / "result.json").read_text()) for s in specs]
     assert [r["map_all"] for r in parallel] == [r["map_all"] for r in serial]
 
@@ -256,18 +199,3 @@ def test_comparison_dvc_stage_follows_the_stage_contract(compared):
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     written = {p.name for p in (root / "out").iterdir()}
     assert {o.removeprefix("outputs/compare/") for o in outs} == written
-
-
-@pytest.mark.parametrize("method", ["dpsh", "itq"])
-def test_every_dvc_dependency_exists_for_the_other_methods(tmp_path, data_dir, method):
-    from dseh.dvcfile import render
-
-    cfg = from_dict(tiny_raw(method=method, train={"rounds": 2}, imgnet={"epochs": [1]}))
-    lay = artifacts.Layout(tmp_path)
-    lay.data.symlink_to(data_dir)
-    experiments.train_rounds(cfg, lay.data, lay, progress=False)
-    stages.evaluate(cfg, lay.data, lay.labnet(1), lay.imgnet(1), lay.eval, progress=False)
-    graph = yaml.safe_load(render(cfg, lay))["stages"]
-    for name in ("train_labnet_r1", "train_imgnet_r0", "train_imgnet_r1", "evaluate", "promote"):
-        missing = [d for d in graph[name]["deps"] if d != "dseh" and not os.path.exists(d)]
-        assert not missing, (name, missing)

@@ -12,7 +12,7 @@ from dseh import stages, storage
 from dseh.config import from_dict
 from dseh.data import FILES, MANIFEST, PreparedData, digits_mosaic, parse_list_file
 from dseh.errors import DsehError
-from tests.conftest import make_list_collection, tiny_raw, write_image
+from tests.helpers import make_list_collection, tiny_raw, write_h5_pair
 
 
 def _prep(tmp_path, name="data", **sections):
@@ -137,26 +137,8 @@ def test_unknown_source(tmp_path):
         from_dict({"data": {"source": "imagenet"}})
 
 
-def _write_h5(root: Path, n_classes=3, lab_width=None):
-    rng = np.random.default_rng(0)
-    names = {"Train": 5, "Query": 2, "DataBase": 4}
-    with h5py.File(root / "Img.h5", "w") as fi, h5py.File(root / "Lab.h5", "w") as fl:
-        k = 0
-        for split, n in names.items():
-            paths = []
-            for _ in range(n):
-                rel = f"im/{k}.png"
-                write_image(root / "images" / rel, k)
-                paths.append(rel.encode())
-                k += 1
-            fi.create_dataset("Img" + split, data=np.array(paths, dtype="S"))
-            lab = (rng.random((n, lab_width or n_classes)) < 0.5).astype(np.uint8)
-            lab[:, 0] = 1
-            fl.create_dataset("Lab" + split, data=lab)
-
-
 def test_hdf5_pair(tmp_path):
-    _write_h5(tmp_path)
+    write_h5_pair(tmp_path)
     cfg = from_dict(
         tiny_raw(
             data={
@@ -177,7 +159,7 @@ def test_hdf5_pair(tmp_path):
 
 
 def test_hdf5_missing_dataset_named(tmp_path):
-    _write_h5(tmp_path)
+    write_h5_pair(tmp_path)
     with h5py.File(tmp_path / "Lab.h5", "a") as f:
         del f["LabQuery"]
     cfg = from_dict(
@@ -252,7 +234,7 @@ def test_s3_wrong_credentials_end_in_access_denied(tmp_path, s3_env, monkeypatch
 
 
 def test_s3_unreachable_server_fails_fast(tmp_path, monkeypatch):
-    from tests.conftest import free_port
+    from tests.servers import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")

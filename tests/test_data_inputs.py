@@ -22,7 +22,7 @@ from dseh.config import from_dict
 from dseh.data import PreparedData, parse_list_file
 from dseh.errors import DsehError
 from dseh.images import _to_rgb8, decode_image
-from tests.conftest import make_list_collection, tiny_raw
+from tests.helpers import make_list_collection, tiny_raw
 
 # --------------------------------------------------------------------------- helpers
 

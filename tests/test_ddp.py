@@ -18,7 +18,8 @@ from dseh import kube
 from dseh.errors import DsehError
 from dseh.train import device as devices
 from dseh.train.device import Dist, rank_batches
-from tests.conftest import LEARNING, REPO, free_port, tiny_raw
+from tests.helpers import LEARNING, REPO, tiny_raw
+from tests.servers import free_port
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # the ImgNet weights of 2 ranks drift from one process's by float reduction order and per-rank

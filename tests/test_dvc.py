@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import LEARNING, REPO, make_list_collection, tiny_raw, write_image
+from tests.helpers import LEARNING, REPO, make_list_collection, tiny_raw, write_image
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,9 @@ from dseh.cli import main
 from dseh.config import load_config, to_dict
 from dseh.errors import DsehError
 from dseh.pipeline_params import PARAMS, POD, TYPED
-from tests.conftest import REPO, free_port, tiny_raw
+from tests.helpers import REPO, tiny_raw
 from tests.kfp_fake import FakeKfp
+from tests.servers import free_port
 
 TRAINING = ("train-labnet", "train-imgnet", "evaluate", "map-table")
 REGISTRY_IMAGE = "registry.example/dseh:0.1.0"

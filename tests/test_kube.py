@@ -15,7 +15,7 @@ from dseh import kube
 from dseh.cli import main
 from dseh.errors import DsehError
 from dseh.pipeline_params import POD
-from tests.conftest import LEARNING, REPO, tiny_raw
+from tests.helpers import LEARNING, REPO, tiny_raw
 from tests.k8s_fake import FakeKubernetes
 
 STEP = ["train-imgnet", "--params", "/data/run/params.yaml", "--data", "/data/run/data", "--out", "/data/run/out"]

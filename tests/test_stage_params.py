@@ -10,8 +10,7 @@ from dseh.config import NEUTRAL_KEYS, from_dict
 from dseh.data import SOURCES
 from dseh.methods import METHODS
 from dseh.reads import recording
-from tests.conftest import make_list_collection, tiny_raw
-from tests.test_data import _write_h5
+from tests.helpers import make_list_collection, tiny_raw, write_h5_pair
 
 
 def _sources(root) -> dict[str, dict]:
@@ -19,7 +18,7 @@ def _sources(root) -> dict[str, dict]:
     make_list_collection(root / "lists")
     next((root / "lists" / "images").rglob("*.png")).unlink()  # skipped: data.skip_bad_images is read
     (root / "h5").mkdir()
-    _write_h5(root / "h5")
+    write_h5_pair(root / "h5")
     h5 = {"img_h5": str(root / "h5" / "Img.h5"), "lab_h5": str(root / "h5" / "Lab.h5")}
     sources = {
         "list-files": {
@@ -100,7 +99,7 @@ def test_dvc_yaml_declares_the_stage_params():
 
     from dseh.config import load_config
     from dseh.dvcfile import render
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     dvc = yaml.safe_load(render(load_config(REPO / "params.yaml")))["stages"]
     assert dvc["evaluate"]["params"] == list(stages.STAGE_PARAMS["evaluate"])

@@ -17,7 +17,8 @@ from dseh import artifacts, stages
 from dseh.codes import unpack
 from dseh.config import from_dict
 from dseh.errors import DsehError
-from tests.conftest import LEARNING, REPO, free_port, tiny_raw
+from tests.helpers import LEARNING, REPO, tiny_raw
+from tests.servers import free_port
 
 
 def _raw(**extra):
@@ -215,18 +216,17 @@ def test_concurrent_promotions_keep_the_better_champion(tracked, mlflow_server, 
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
 
-def test_unreachable_tracking_server_fails_fast_or_warns(tmp_path, monkeypatch, caplog):
+def test_unreachable_tracking_server_fails_fast_or_warns(tmp_path, tiny_data, monkeypatch, caplog):
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     cfg = from_dict(tiny_raw(tracking={"enabled": True, "timeout_s": 2.0}))
-    stages.prepare(from_dict(tiny_raw()), tmp_path / "data", progress=False)
     t0 = time.time()
     with pytest.raises(DsehError, match=f"tracking server {uri} is unreachable"):
-        stages.train_labnet(cfg, tmp_path / "data", 0, tmp_path / "lab", progress=False)
+        stages.train_labnet(cfg, tiny_data, 0, tmp_path / "lab", progress=False)
     assert time.time() - t0 < 15 and not (tmp_path / "lab").exists()
     lenient = from_dict(tiny_raw(tracking={"enabled": True, "timeout_s": 2.0, "required": False}))
-    stages.train_labnet(lenient, tmp_path / "data", 0, tmp_path / "lab", progress=False)
+    stages.train_labnet(lenient, tiny_data, 0, tmp_path / "lab", progress=False)
     assert (tmp_path / "lab/model.pt").is_file()
     assert "continuing without tracking" in caplog.text
 

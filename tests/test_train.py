@@ -15,14 +15,7 @@ from dseh.config import from_dict
 from dseh.errors import DsehError
 from dseh.models.factory import load_imgnet
 from dseh.train.loop import lr_for_epoch
-from tests.conftest import REPO, tiny_raw
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prep")
-    stages.prepare(from_dict(tiny_raw()), root / "data", progress=False)
-    return root / "data"
+from tests.helpers import REPO, tiny_raw
 
 
 def _train_round0(cfg, data, out):
@@ -30,10 +23,10 @@ def _train_round0(cfg, data, out):
     stages.train_imgnet(cfg, data, 0, out / "lab", out / "img", progress=False)
 
 
-def test_determinism_same_seed_same_codes_bit_for_bit(prepared, tmp_path):
+def test_determinism_same_seed_same_codes_bit_for_bit(tiny_data, tmp_path):
     cfg = from_dict(tiny_raw())
-    _train_round0(cfg, prepared, tmp_path / "a")
-    _train_round0(cfg, prepared, tmp_path / "b")
+    _train_round0(cfg, tiny_data, tmp_path / "a")
+    _train_round0(cfg, tiny_data, tmp_path / "b")
     for name in (artifacts.CODES,):
         assert np.array_equal(np.load(tmp_path / "a/img" / name), np.load(tmp_path / "b/img" / name))
     for d, f in (("lab", artifacts.TARGETS), ("img", artifacts.TRAIN_OUTPUTS)):
@@ -41,18 +34,18 @@ def test_determinism_same_seed_same_codes_bit_for_bit(prepared, tmp_path):
             for k in x.files:
                 assert np.array_equal(x[k], y[k]), (d, k)
     other = from_dict(tiny_raw(seed=1))
-    _train_round0(other, prepared, tmp_path / "c")
+    _train_round0(other, tiny_data, tmp_path / "c")
     assert not np.array_equal(np.load(tmp_path / "a/img/codes.npy"), np.load(tmp_path / "c/img/codes.npy"))
 
 
 @pytest.mark.slow
-def test_compiled_training_step_trains_like_eager(prepared, tmp_path):
+def test_compiled_training_step_trains_like_eager(tiny_data, tmp_path):
     """train.compile on the CPU (inductor needs a C compiler): the run completes, its saved model
     loads as a plain ImgNet, and its codes agree with the eager run's up to kernel rounding."""
     from dseh.codes import unpack
 
-    _train_round0(from_dict(tiny_raw()), prepared, tmp_path / "eager")
-    _train_round0(from_dict(tiny_raw(train={"compile": True})), prepared, tmp_path / "compiled")
+    _train_round0(from_dict(tiny_raw()), tiny_data, tmp_path / "eager")
+    _train_round0(from_dict(tiny_raw(train={"compile": True})), tiny_data, tmp_path / "compiled")
     bits = tiny_raw()["bits"]
     eager, compiled = (unpack(np.load(tmp_path / d / "img" / artifacts.CODES), bits) for d in ("eager", "compiled"))
     assert (eager == compiled).mean() > 0.95
@@ -60,11 +53,15 @@ def test_compiled_training_step_trains_like_eager(prepared, tmp_path):
     assert state["bits"] == bits and not any(k.startswith("_orig_mod") for k in model.state_dict())
 
 
-def test_two_rounds_continue_weights_and_use_imgnet_buffers(prepared, tmp_path):
+def test_two_rounds_continue_weights_and_use_imgnet_buffers(tiny_data, tmp_path):
     cfg = from_dict(tiny_raw(train={"rounds": 2}, labnet={"epochs": [2, 1]}, imgnet={"epochs": [1]}))
-    _train_round0(cfg, prepared, tmp_path / "r0")
-    stages.train_labnet(cfg, prepared, 1, tmp_path / "r1/lab", tmp_path / "r0/lab", tmp_path / "r0/img", progress=False)
-    stages.train_imgnet(cfg, prepared, 1, tmp_path / "r1/lab", tmp_path / "r1/img", tmp_path / "r0/img", progress=False)
+    _train_round0(cfg, tiny_data, tmp_path / "r0")
+    stages.train_labnet(
+        cfg, tiny_data, 1, tmp_path / "r1/lab", tmp_path / "r0/lab", tmp_path / "r0/img", progress=False
+    )
+    stages.train_imgnet(
+        cfg, tiny_data, 1, tmp_path / "r1/lab", tmp_path / "r1/img", tmp_path / "r0/img", progress=False
+    )
     s0 = torch.load(tmp_path / "r0/lab/model.pt", weights_only=False)
     s1 = torch.load(tmp_path / "r1/lab/model.pt", weights_only=False)
     # Adam state continued: step counts add up over rounds (2 epochs then 1 epoch of 7 batches)
@@ -74,9 +71,9 @@ def test_two_rounds_continue_weights_and_use_imgnet_buffers(prepared, tmp_path):
     hist = (tmp_path / "r1/lab/history.csv").read_text().splitlines()
     assert hist[0].startswith("round,epoch,lr") and len(hist) == 2
     with pytest.raises(DsehError, match="needs the LabNet and ImgNet outputs"):
-        stages.train_labnet(cfg, prepared, 1, tmp_path / "x", progress=False)
+        stages.train_labnet(cfg, tiny_data, 1, tmp_path / "x", progress=False)
     with pytest.raises(DsehError, match="past train.rounds"):
-        stages.train_labnet(cfg, prepared, 2, tmp_path / "x", tmp_path / "r1/lab", tmp_path / "r1/img", progress=False)
+        stages.train_labnet(cfg, tiny_data, 2, tmp_path / "x", tmp_path / "r1/lab", tmp_path / "r1/img", progress=False)
 
 
 def test_release_lr_schedule():
@@ -147,7 +144,7 @@ def test_loader_threads_per_device(monkeypatch):
     assert loader_threads(auto, gpu) == 2  # never fewer than 2
 
 
-def test_nan_loss_stops_naming_term_and_epoch_and_keeps_checkpoint(prepared, tmp_path, monkeypatch):
+def test_nan_loss_stops_naming_term_and_epoch_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch):
     real = losses.quantization_loss_j3
     calls = {"n": 0}
 
@@ -159,7 +156,7 @@ def test_nan_loss_stops_naming_term_and_epoch_and_keeps_checkpoint(prepared, tmp
     monkeypatch.setattr(losses, "quantization_loss_j3", flaky)
     cfg = from_dict(tiny_raw(labnet={"epochs": [3]}))
     with pytest.raises(DsehError, match=r"loss term 'J3' became nan at epoch 2.*last good checkpoint"):
-        stages.train_labnet(cfg, prepared, 0, tmp_path / "lab", progress=False)
+        stages.train_labnet(cfg, tiny_data, 0, tmp_path / "lab", progress=False)
     ckpt = artifacts.checkpoint_path(tmp_path / "lab")
     assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["epoch"] == 1
     assert not (tmp_path / "lab").exists()

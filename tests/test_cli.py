@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dseh.cli import main
-from tests.conftest import LEARNING, REPO, tiny_raw
+from tests.helpers import LEARNING, REPO, tiny_raw
 
 
 @pytest.fixture(scope="module")
