@@ -19,7 +19,8 @@ from dseh.artifacts import Layout, load_step_model
 from dseh.cli import main
 from dseh.config import from_dict
 from dseh.errors import DsehError
-from tests.conftest import free_port, stop_pid, tiny_raw
+from tests.helpers import tiny_raw, write_image
+from tests.servers import free_port, stop_pid
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,6 @@ def test_a_crafted_model_file_executes_nothing(trained, tmp_path, capsys):
     with pytest.raises(DsehError, match=f"{bad / artifacts.MODEL}.*loaded safely"):
         load_step_model(bad, "imgnet")
     img = tmp_path / "q.png"
-    from tests.conftest import write_image
-
     write_image(img, 0)
     assert main(["search", str(img), "--model", str(bad), "--data", str(trained.data)]) == 2
     assert "loaded safely" in capsys.readouterr().err

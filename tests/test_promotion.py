@@ -10,7 +10,7 @@ from dseh.artifacts import Layout
 from dseh.codes import pack
 from dseh.config import from_dict
 from dseh.errors import DsehError
-from tests.conftest import LEARNING, tiny_raw
+from tests.helpers import LEARNING, tiny_raw
 
 
 class _Version:
