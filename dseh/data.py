@@ -1,5 +1,5 @@
 """Data sources (their registry SOURCES; built-in digits-mosaic, DeepHash list files, the DSEH release's
-HDF5 pair) and the prepared dataset: one memory-mapped uint8 image array, labels, split indices and a manifest.
+HDF5 pair; Fashion-MNIST's in dseh/fashion.py) and the prepared dataset: one memory-mapped uint8 image array, labels, split indices and a manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from dseh import storage
 from dseh.errors import DsehError, MissingObject
+from dseh.fashion import fashion_mnist, fashion_mosaic
 from dseh.images import BadImage, decode_image
 from dseh.listfile import parse_list_file
 from dseh.source import Source, check_mosaic_sizes, mosaic_source
@@ -215,7 +216,13 @@ def hdf5_pair(cfg: DataConfig, seed: int) -> Source:
     return _file_source(cfg, seed, parts, sources, describe, with_train=True)
 
 
-SOURCES = {"digits-mosaic": digits_mosaic, "list-files": list_files, "hdf5": hdf5_pair}
+SOURCES = {
+    "digits-mosaic": digits_mosaic,
+    "list-files": list_files,
+    "hdf5": hdf5_pair,
+    "fashion-mnist": fashion_mnist,
+    "fashion-mosaic": fashion_mosaic,
+}
 
 
 def open_source(cfg: DataConfig, seed: int) -> Source:

@@ -12,6 +12,7 @@ from dseh.methods import METHODS
 from dseh.reads import recording
 from tests.conftest import make_list_collection, tiny_raw
 from tests.test_data import _write_h5
+from tests.test_fashion import make_fashion_dir
 
 
 def _sources(root) -> dict[str, dict]:
@@ -21,6 +22,7 @@ def _sources(root) -> dict[str, dict]:
     (root / "h5").mkdir()
     _write_h5(root / "h5")
     h5 = {"img_h5": str(root / "h5" / "Img.h5"), "lab_h5": str(root / "h5" / "Lab.h5")}
+    fashion = {"fashion_dir": str(make_fashion_dir(root / "fashion")), "image_size": 28}
     sources = {
         "list-files": {
             "source": "list-files",
@@ -29,6 +31,8 @@ def _sources(root) -> dict[str, dict]:
             "skip_bad_images": True,
         },
         "hdf5": {"source": "hdf5", "image_root": str(root / "h5" / "images"), **h5, "image_size": 8},
+        "fashion-mnist": {"source": "fashion-mnist", **fashion},
+        "fashion-mosaic": {"source": "fashion-mosaic", **fashion},
     }
     assert set(sources) | {"digits-mosaic"} == set(SOURCES)
     return sources
