@@ -30,7 +30,7 @@ from dseh.reads import paused
 class DataConfig:
     """Where the images and labels come from and how `prepare` turns them into arrays."""
 
-    source: str = "digits-mosaic"  # digits-mosaic | list-files | hdf5
+    source: str = "digits-mosaic"  # digits-mosaic | list-files | hdf5 | fashion-mnist | fashion-mosaic
     image_root: str = ""  # folder or s3://bucket/prefix holding the images (list-files, hdf5)
     list_dir: str = ""  # folder or s3:// prefix holding the list files (list-files)
     train_list: str = "train.txt"
@@ -38,8 +38,9 @@ class DataConfig:
     database_list: str = "database.txt"
     img_h5: str = ""  # Img.h5 of the DSEH release (hdf5)
     lab_h5: str = ""  # Lab.h5 of the DSEH release (hdf5)
+    fashion_dir: str = "/usr/share/datasets/fashion-mnist"  # the four idx files (fashion-mnist, fashion-mosaic)
     image_size: int = 32
-    n_database: int = 10000  # digits-mosaic sizes
+    n_database: int = 10000  # digits-mosaic and fashion-mosaic sizes; n_train and n_query fashion-mnist's too
     n_train: int = 5000
     n_query: int = 1000
     skip_bad_images: bool = False

@@ -1,5 +1,5 @@
-"""Data sources (built-in digits-mosaic, DeepHash list files, the DSEH release's HDF5 pair) and the
-prepared dataset: one memory-mapped uint8 image array, labels, split indices and a manifest.
+"""Data sources (their registry SOURCES; built-in digits-mosaic, DeepHash list files, the DSEH release's
+HDF5 pair; Fashion-MNIST's in dseh/fashion.py) and the prepared dataset: one memory-mapped uint8 image array, labels, split indices and a manifest.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import posixpath
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +18,10 @@ import numpy as np
 
 from dseh import storage
 from dseh.errors import DsehError, MissingObject
+from dseh.fashion import fashion_mnist, fashion_mosaic
 from dseh.images import BadImage, decode_image
 from dseh.listfile import parse_list_file
+from dseh.source import Source, check_mosaic_sizes, mosaic_source
 
 if TYPE_CHECKING:
     from dseh.config import DataConfig
@@ -40,20 +41,6 @@ FILES = {
 MANIFEST = "manifest.json"
 
 
-@dataclass
-class Source:
-    """What a source yields before decoding: item paths (or None), labels, classes and splits."""
-
-    name: str
-    labels: np.ndarray  # (N, c) uint8
-    classes: list[str]
-    splits: dict[str, np.ndarray]  # split -> item indices
-    paths: list[str] | None  # per item, relative to the image root; None for built-in data
-    load_chunk: Callable[[np.ndarray], tuple[np.ndarray, dict[int, str]]]
-    # load_chunk(indices) -> (uint8 images (n, H, W, 3), {position within the chunk: why it failed})
-    describe: dict
-
-
 # --------------------------------------------------------------------------- digits-mosaic
 
 
@@ -67,61 +54,20 @@ def digits_mosaic(cfg: DataConfig, seed: int) -> Source:
 
     if cfg.image_size % 16:
         raise DsehError(f"params key 'data.image_size': digits-mosaic needs a multiple of 16, got {cfg.image_size}")
-    if not 0 < cfg.n_train <= cfg.n_database or cfg.n_query < 1:
-        raise DsehError(
-            "params keys 'data.n_train/n_database/n_query': need 0 < n_train <= n_database "
-            f"and n_query >= 1, got {cfg.n_train}/{cfg.n_database}/{cfg.n_query}"
-        )
+    check_mosaic_sizes(cfg)
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
-    targets = digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(pixels))
     n_q_src = len(pixels) // 3
     q_src, db_src = perm[:n_q_src], perm[n_q_src:]
-
-    def mosaics(n: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        present = rng.random((n, 4)) < 0.5
-        empty = ~present.any(axis=1)
-        present[np.flatnonzero(empty), rng.integers(0, 4, size=int(empty.sum()))] = True
-        chosen = pool[rng.integers(0, len(pool), size=(n, 4))]
-        cells = pixels[chosen] * present[:, :, None, None]  # (n, 4, 8, 8)
-        top = np.concatenate([cells[:, 0], cells[:, 1]], axis=2)
-        bottom = np.concatenate([cells[:, 2], cells[:, 3]], axis=2)
-        gray = np.concatenate([top, bottom], axis=1)  # (n, 16, 16)
-        labels = np.zeros((n, 10), dtype=np.uint8)
-        rows = np.repeat(np.arange(n), 4)
-        keep = present.ravel()
-        labels[rows[keep], targets[chosen].ravel()[keep]] = 1
-        return gray, labels, chosen
-
-    q_gray, q_lab, _ = mosaics(cfg.n_query, q_src)
-    db_gray, db_lab, _ = mosaics(cfg.n_database, db_src)
-    gray = np.concatenate([q_gray, db_gray])
-    labels = np.concatenate([q_lab, db_lab])
-    scale = cfg.image_size // 16
-
-    query = np.arange(cfg.n_query)
-    database = cfg.n_query + rng.permutation(cfg.n_database)
-    train = database[: cfg.n_train].copy()
-
-    def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-        img = gray[idx].repeat(scale, axis=1).repeat(scale, axis=2)
-        return np.repeat(img[..., None], 3, axis=3), {}
-
-    return Source(
-        name="digits-mosaic",
-        labels=labels,
-        classes=[str(d) for d in range(10)],
-        splits={"train": train, "query": query, "database": database},
-        paths=None,
-        load_chunk=load_chunk,
-        describe={
-            "source": "digits-mosaic",
-            "query_source_digits": sorted(int(i) for i in q_src),
-            "database_source_digits": sorted(int(i) for i in db_src),
-        },
-    )
+    describe = {
+        "source": "digits-mosaic",
+        "query_source_digits": sorted(int(i) for i in q_src),
+        "database_source_digits": sorted(int(i) for i in db_src),
+    }
+    classes = [str(d) for d in range(10)]
+    return mosaic_source(cfg, rng, pixels, digits.target.astype(np.int64), classes, (q_src, db_src), describe)
 
 
 # --------------------------------------------------------------------------- file sources
@@ -270,7 +216,13 @@ def hdf5_pair(cfg: DataConfig, seed: int) -> Source:
     return _file_source(cfg, seed, parts, sources, describe, with_train=True)
 
 
-SOURCES = {"digits-mosaic": digits_mosaic, "list-files": list_files, "hdf5": hdf5_pair}
+SOURCES = {
+    "digits-mosaic": digits_mosaic,
+    "list-files": list_files,
+    "hdf5": hdf5_pair,
+    "fashion-mnist": fashion_mnist,
+    "fashion-mosaic": fashion_mosaic,
+}
 
 
 def open_source(cfg: DataConfig, seed: int) -> Source:

@@ -31,8 +31,9 @@ HEADER = """\
 
 
 def source_deps(cfg: Config) -> list[str]:
-    """Local inputs of `prepare` (a DVC-tracked image folder, list or HDF5 files): a changed image
-    reruns prepare and everything after it. S3 sources are brought in with `dvc import-url`."""
+    """Local inputs of `prepare` (a DVC-tracked image folder, list or HDF5 files, the Fashion-MNIST
+    folder): a changed image reruns prepare and everything after it. S3 sources are brought in
+    with `dvc import-url`."""
     d = cfg.data
     if d.source == "list-files":
         lists = [
@@ -42,6 +43,8 @@ def source_deps(cfg: Config) -> list[str]:
         paths = [d.image_root] + lists
     elif d.source == "hdf5":
         paths = [d.image_root, d.img_h5, d.lab_h5]
+    elif d.source in ("fashion-mnist", "fashion-mosaic"):
+        paths = [d.fashion_dir]
     else:
         paths = []
     return [p for p in dict.fromkeys(paths) if p and not p.startswith("s3://")]

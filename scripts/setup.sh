@@ -4,6 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Real images for data.source=fashion-mnist / fashion-mosaic: Debian's dataset-fashion-mnist (the four idx
+# files in /usr/share/datasets/fashion-mnist). Installed where it is missing and this runs as root with
+# apt-get; otherwise a warning, never a failure: the default digits-mosaic data needs nothing installed.
+fashion=/usr/share/datasets/fashion-mnist flog=/tmp/dseh-fashion-mnist-install.log
+if [ ! -d "$fashion" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; } >"$flog" 2>&1 ||
+      echo "warning: dataset-fashion-mnist did not install (log: $flog); data.source=fashion-* will not find $fashion" >&2
+  else
+    echo "warning: $fashion is missing (as root: apt-get install dataset-fashion-mnist); data.source=fashion-* needs it" >&2
+  fi
+fi
 stamp=.venv/.dseh-stamp
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -11,6 +11,7 @@ from dseh.data import SOURCES
 from dseh.methods import METHODS
 from dseh.reads import recording
 from tests.helpers import make_list_collection, tiny_raw, write_h5_pair
+from tests.test_fashion import make_fashion_dir
 
 
 def _sources(root) -> dict[str, dict]:
@@ -20,6 +21,7 @@ def _sources(root) -> dict[str, dict]:
     (root / "h5").mkdir()
     write_h5_pair(root / "h5")
     h5 = {"img_h5": str(root / "h5" / "Img.h5"), "lab_h5": str(root / "h5" / "Lab.h5")}
+    fashion = {"fashion_dir": str(make_fashion_dir(root / "fashion")), "image_size": 28}
     sources = {
         "list-files": {
             "source": "list-files",
@@ -28,6 +30,8 @@ def _sources(root) -> dict[str, dict]:
             "skip_bad_images": True,
         },
         "hdf5": {"source": "hdf5", "image_root": str(root / "h5" / "images"), **h5, "image_size": 8},
+        "fashion-mnist": {"source": "fashion-mnist", **fashion},
+        "fashion-mosaic": {"source": "fashion-mosaic", **fashion},
     }
     assert set(sources) | {"digits-mosaic"} == set(SOURCES)
     return sources
