@@ -205,6 +205,13 @@ def load_step_model(path: str | Path, kinds: str | tuple[str, ...]) -> StepModel
         raise DsehError(f"{f} lacks the field {exc}: written by another version of dseh? train it again") from exc
 
 
+def save_codes(out: Path, codes) -> None:
+    """CODES: the packed codes of every prepared item (dseh.codes), uint8 (items, packed width)."""
+    import numpy as np
+
+    np.save(Path(out) / CODES, codes)
+
+
 def load_codes(model_dir: str | Path, n_items: int, bits: int):
     """The packed codes of every item that a step output holds, checked against the item count."""
     import numpy as np
@@ -215,6 +222,40 @@ def load_codes(model_dir: str | Path, n_items: int, bits: int):
     if codes.shape != (n_items, packed_width(bits)):
         raise DsehError(f"{model_dir}/{CODES} has shape {codes.shape}, expected ({n_items}, {packed_width(bits)})")
     return codes
+
+
+def save_targets(out: Path, codes, features, train) -> None:
+    """TARGETS: LabNet's B^l (int8 +-1) and F^l (float32) over the training items, and those items."""
+    import numpy as np
+
+    np.savez(Path(out) / TARGETS, B=codes, F=features, train=train)
+
+
+def load_targets(labnet_dir: str | Path) -> tuple:
+    """(B^l, F^l) of a LabNet step output."""
+    import numpy as np
+
+    with np.load(Path(labnet_dir) / TARGETS) as z:
+        return z["B"], z["F"]
+
+
+def save_train_outputs(out: Path, codes, features=None) -> None:
+    """TRAIN_OUTPUTS: sign(u) over the training items (and f^v for a network): the next LabNet
+    round's buffers, the heat maps' rows, DPSH's next-round start."""
+    import numpy as np
+
+    if features is None:
+        np.savez(Path(out) / TRAIN_OUTPUTS, B=codes)
+    else:
+        np.savez(Path(out) / TRAIN_OUTPUTS, B=codes, F=features)
+
+
+def load_train_outputs(model_dir: str | Path) -> tuple:
+    """(sign(u), f^v or None) over the training items of an image-network step output."""
+    import numpy as np
+
+    with np.load(Path(model_dir) / TRAIN_OUTPUTS) as z:
+        return z["B"], (z["F"] if "F" in z else None)
 
 
 # --------------------------------------------------------------------------- writers

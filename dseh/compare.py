@@ -133,7 +133,7 @@ def run_one(base: Config, spec: RunSpec, data_dir: str, runs_root: str, val_frac
     lab_summary = experiments.train_rounds(cfg, data, lay, progress=False, labnet_cache=Path(runs_root) / "labnet")
     # a LabNet shared with an earlier run (same LabNet inputs) counts its training time here too
     seconds = time.perf_counter() - t0 + (lab_summary.get("seconds", 0.0) if lab_summary.get("reused") else 0.0)
-    codes = np.load(lay.imgnet(cfg.train.rounds - 1) / artifacts.CODES)
+    codes = artifacts.load_codes(lay.imgnet(cfg.train.rounds - 1), len(data.labels), cfg.bits)
     rep = evaluation.split_report(cfg.evaluate, data, codes, cfg.bits)
     state = evaluation.split_collapse(cfg.evaluate, data, codes, cfg.bits)
     epochs = (

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from dseh import artifacts, evaluation, linear, methods, stages
 from dseh.artifacts import Layout
 from dseh.config import Config, dump_config
@@ -113,6 +111,6 @@ def shallow_baseline(
     }
     with atomic_dir(out_dir) as tmp:
         artifacts.write_json(tmp / artifacts.METRICS, metrics)
-        np.save(tmp / artifacts.CODES, codes)
+        artifacts.save_codes(tmp, codes)
         dump_config(cfg, tmp / artifacts.CONFIG)
     return metrics

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dseh import artifacts, methods
-from dseh.artifacts import CODES, TRAIN_OUTPUTS, save_step_model
+from dseh.artifacts import save_step_model
 from dseh.baselines import project
 from dseh.codes import count_distinct, pack, unpack
 from dseh.config import Config
@@ -66,8 +66,8 @@ def fit_linear_hash(cfg: Config, data: PreparedData, round_index: int, out_dir: 
             tmp, "linear-hash", cfg, tensors, round_index=round_index, dataset_sha256=data.sha256,
             n_classes=data.n_classes, features=features,
         )  # fmt: skip
-        np.save(tmp / CODES, codes)
-        np.savez(tmp / TRAIN_OUTPUTS, B=unpack(codes[data.train], cfg.bits))
+        artifacts.save_codes(tmp, codes)
+        artifacts.save_train_outputs(tmp, unpack(codes[data.train], cfg.bits))
         artifacts.write_step_dir(tmp, cfg, summary)
     log.info("%s on %s: %d distinct database codes", cfg.method, features, summary["distinct_codes_database"])
     return summary

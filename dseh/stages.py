@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dseh import artifacts, evaluation, linear, methods, promotion, report, tracking
-from dseh.artifacts import CODES, TARGETS, TRAIN_OUTPUTS, StepModel, load_step_model, save_step_model
+from dseh.artifacts import TARGETS, TRAIN_OUTPUTS, StepModel, load_step_model, save_step_model
 from dseh.codes import count_distinct, pack, packed_width, sign
 from dseh.config import Config, dump_config, epochs_for_round, to_dict, values
 from dseh.data import MANIFEST, PreparedData, as_prepared, open_source, write_prepared
@@ -181,7 +181,7 @@ def train_labnet(
                 tmp, "labnet", cfg, model.cpu().state_dict(), optimizer=optimizer.state_dict(),
                 round_index=round_index, dataset_sha256=data.sha256, n_classes=data.n_classes,
             )  # fmt: skip
-            np.savez(tmp / TARGETS, B=B_lab, F=F_lab.cpu().numpy().astype(np.float32), train=data.train)
+            artifacts.save_targets(tmp, B_lab, F_lab.cpu().numpy().astype(np.float32), data.train)
             artifacts.write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
         level = logging.WARNING if summary["degenerate"] else logging.INFO
@@ -203,8 +203,8 @@ def _labnet_start(cfg, data, round_index, seed, model, optimizer, prev_labnet, p
     _check_compatible(prev, cfg, data, prev_labnet)
     model.load_state_dict(prev.state_dict)
     optimizer.load_state_dict(prev.optimizer)
-    with np.load(Path(prev_imgnet) / TRAIN_OUTPUTS) as z:
-        F_buf, H_buf = torch.from_numpy(z["F"]).float(), torch.from_numpy(z["B"]).float()
+    B_prev, F_prev = artifacts.load_train_outputs(prev_imgnet)
+    F_buf, H_buf = torch.from_numpy(F_prev).float(), torch.from_numpy(B_prev).float()
     if F_buf.shape != (n, FEATURE_DIM) or H_buf.shape != (n, cfg.bits):
         raise DsehError(f"{prev_imgnet}: ImgNet outputs do not match {n} training items at {cfg.bits} bits")
     inputs = [data.sha256, artifacts.file_sha(Path(prev_labnet) / artifacts.MODEL)]
@@ -284,8 +284,8 @@ def train_imgnet(
                 tmp, "imgnet", cfg, model.cpu().state_dict(), optimizer=optimizer.state_dict(),
                 round_index=round_index, dataset_sha256=data.sha256, n_classes=data.n_classes, image_size=image_size,
             )  # fmt: skip
-            np.save(tmp / CODES, codes)
-            np.savez(tmp / TRAIN_OUTPUTS, B=sign(u_all[data.train]), F=f_all[data.train].astype(np.float32))
+            artifacts.save_codes(tmp, codes)
+            artifacts.save_train_outputs(tmp, sign(u_all[data.train]), f_all[data.train].astype(np.float32))
             artifacts.write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
         _log_step(tr, out, "imgnet", summary)
@@ -304,17 +304,13 @@ def _objective_inputs(cfg, method, data, labels, device, model, optimizer, labne
         optimizer.load_state_dict(prev.optimizer)
         inputs.append(artifacts.file_sha(Path(prev_imgnet) / artifacts.MODEL))
         if method.uses_prev_codes:
-            with np.load(Path(prev_imgnet) / TRAIN_OUTPUTS) as z:
-                inp.prev_codes = torch.from_numpy(z["B"]).float()
+            inp.prev_codes = torch.from_numpy(artifacts.load_train_outputs(prev_imgnet)[0]).float()
     if method.needs_labnet:
         if labnet_dir is None:
             raise DsehError(f"method {cfg.method} needs the LabNet output of the same round")
         _check_compatible(load_step_model(labnet_dir, "labnet"), cfg, data, labnet_dir)
-        with np.load(Path(labnet_dir) / TARGETS) as z:
-            inp.labnet_targets = (
-                torch.from_numpy(z["B"]).float().to(device),
-                torch.from_numpy(z["F"]).float().to(device),
-            )
+        B_lab, F_lab = artifacts.load_targets(labnet_dir)
+        inp.labnet_targets = (torch.from_numpy(B_lab).float().to(device), torch.from_numpy(F_lab).float().to(device))
         inputs.append(artifacts.file_sha(Path(labnet_dir) / TARGETS))
     return inp, inputs
 
@@ -354,8 +350,7 @@ def evaluate(
         lab_feats = None
         if methods.get(img.method).needs_labnet:
             metrics["labnet"], lab_feats = _labnet_metrics(cfg, data, labnet_dir, img.bits)
-        with np.load(Path(imgnet_dir) / TRAIN_OUTPUTS) as z:
-            img_feats = z["F"] if "F" in z else None
+        img_feats = artifacts.load_train_outputs(imgnet_dir)[1]
         with atomic_dir(out_dir) as tmp:
             artifacts.write_json(tmp / artifacts.METRICS, metrics)
             rows = report.heatmap_rows(
@@ -377,8 +372,7 @@ def _labnet_metrics(cfg: Config, data: PreparedData, labnet_dir, bits: int) -> t
     codes = np.empty((len(data.labels), packed_width(bits)), np.uint8)
     codes[data.query], codes[data.database] = pack(h_q.numpy()), pack(h_db.numpy())
     rep = evaluation.split_report(cfg.evaluate, data, codes, bits, (cfg.evaluate.topk,))
-    with np.load(Path(labnet_dir) / TARGETS) as z:
-        lab_codes, lab_feats = z["B"], z["F"]
+    lab_codes, lab_feats = artifacts.load_targets(labnet_dir)
     return {
         "label_map_all": rep.map_all,
         f"label_map_at_{rep.topk}": rep.map_topk,
