@@ -11,7 +11,7 @@ trap 'rm -rf "$tmp"' EXIT
 "$tmp/venv/bin/python" -m pip install -q ".[dev]"
 {
   head -2 constraints.txt
-  "$tmp/venv/bin/python" -m pip freeze --all | grep -v -i -E '^(dseh|pip|setuptools|wheel)=' | sort -f
+  "$tmp/venv/bin/python" -m pip freeze --all | grep -v -i -E '^(dseh|pip|setuptools|wheel)( @|==)' | LC_ALL=C sort -f
 } > "$tmp/constraints.txt"
 mv "$tmp/constraints.txt" constraints.txt
 echo "wrote constraints.txt ($(($(wc -l < constraints.txt) - 2)) pins); run bash scripts/test.sh before committing it"
