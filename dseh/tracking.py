@@ -42,8 +42,17 @@ DEFAULT_DB = "mlflow.db"  # MLflow's embedded default: a SQLite file in the work
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the embedded default store, by absolute path (MLflow caches stores
-    by URI, so a relative one would follow the first working directory of the process)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
+    by URI, so a relative one would follow the first working directory of the process). In a
+    Kubeflow pod (KFP_POD_NAME set) there is no fallback: a file in the pod would be thrown away."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if os.environ.get("KFP_POD_NAME"):
+        raise DsehError(
+            "no MLFLOW_TRACKING_URI in this Kubeflow pod: the MLflow Secret named by the pipeline's "
+            "mlflow_secret parameter (default dseh-mlflow) must hold it, or set tracking.enabled=false"
+        )
+    return f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
 
 
 def bound_http(timeout_s: float) -> None:

@@ -61,7 +61,11 @@ def data_step(task, opts: PipelineOptions, p: dict, gpus: int = 0, cache: bool |
     )
     if opts.pvc_name:
         kubernetes.mount_pvc(task, pvc_name=opts.pvc_name, mount_path="/data")
-    for secret, keys in ((p["s3_secret"], S3_KEYS), (p["mlflow_secret"], MLFLOW_KEYS)):
+    # the tracking URI is required (a pod never falls back to a throw-away SQLite file): a missing
+    # Secret or key stops the pod before it starts, naming the Secret; credentials are optional
+    required = {MLFLOW_KEYS[0]: MLFLOW_KEYS[0]}
+    kubernetes.use_secret_as_env(task, secret_name=p["mlflow_secret"], secret_key_to_env=required, optional=False)
+    for secret, keys in ((p["s3_secret"], S3_KEYS), (p["mlflow_secret"], MLFLOW_KEYS[1:])):
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
     return task
 

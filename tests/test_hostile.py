@@ -313,3 +313,12 @@ def test_epoch_metrics_reach_mlflow_as_each_epoch_ends(trained, tmp_path, monkey
     (run,) = client.search_runs([exp.experiment_id], "tags.`dseh.step` = 'train_labnet'")
     assert run.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+
+def test_a_kubeflow_pod_without_a_tracking_uri_fails_naming_the_secret(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KFP_POD_NAME", "dseh-run-abc-train-labnet")
+    with pytest.raises(DsehError, match="mlflow_secret"):
+        stages.train_labnet(_promote_cfg(), trained.data, 0, tmp_path / "lab", progress=False)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "lab").exists()

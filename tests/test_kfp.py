@@ -75,6 +75,9 @@ def test_compiled_pipeline_requests_gpus_retries_secrets_and_shm(tmp_path, monke
     }
     keys = {k["envVar"] for e in lab["secretAsEnv"] for k in e["keyToEnv"]}
     assert {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"} <= keys
+    # the tracking URI alone is required (no fallback store in a pod); credentials stay optional
+    required = [k["envVar"] for e in lab["secretAsEnv"] if not e.get("optional") for k in e["keyToEnv"]]
+    assert required == ["MLFLOW_TRACKING_URI"]
     assert lab["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and lab["emptyDirMounts"][0]["medium"] == "Memory"
     assert lab["emptyDirMounts"][0]["sizeLimit"] == POD.shm_size
     assert lab["pvcMount"][0]["mountPath"] == "/data"
