@@ -322,3 +322,15 @@ def test_a_kubeflow_pod_without_a_tracking_uri_fails_naming_the_secret(trained, 
     with pytest.raises(DsehError, match="mlflow_secret"):
         stages.train_labnet(_promote_cfg(), trained.data, 0, tmp_path / "lab", progress=False)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "lab").exists()
+
+
+def test_search_with_a_registry_model_fails_fast_when_the_server_is_unreachable(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    img = tmp_path / "q.png"
+    write_image(img, 0)
+    codes = trained.imgnet(0) / artifacts.CODES
+    args = ["search", str(img), "--model", "models:/dseh-imgnet@champion", "--codes", str(codes)]
+    t0 = time.monotonic()
+    assert main([*args, "--data", str(trained.data), "--timeout", "2"]) == 2
+    assert time.monotonic() - t0 < 10
+    assert "unreachable" in capsys.readouterr().err
