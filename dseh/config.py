@@ -68,6 +68,7 @@ class LabNetConfig:
     logit_scale: float = 0.5  # paper: 1.0
     quant_reduction: str = "mean"  # mean | sum (paper: beta 0.005 on a sum)
     label_head: str = "sigmoid"  # sigmoid | linear (paper: linear least squares)
+    clip_value: float = 1.0  # gradients clipped by value to [-clip, clip]; 0 disables
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class ImgNetConfig:
     epochs: tuple[int, ...] = (10,)  # per round; the last value repeats
     lr_exp: float = 3.5  # NUS-WIDE 4.0, COCO 3.5, ImageNet 4.5
     backbone_lr_mult: float = 0.1  # applied to pretrained backbone layers only
+    clip_value: float = 1.0  # gradients clipped by value to [-clip, clip]; 0 disables (release: ImageNet 1, else 0)
     gamma_if: float = 1.0  # L_f semantic supervision
     eta: float = 1.0  # L_h code supervision
     sim_scale: float = 0.999  # s_i
@@ -101,7 +103,6 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     step_epochs: int = 10
     step_exp: float = 0.5
-    clip_value: float = 1.0  # gradients clipped by value to [-clip, clip]; 0 disables
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # ImgNet in bf16 autocast where the device computes bf16 natively (train.device.compute_dtype)
     channels_last: bool = True
@@ -320,7 +321,8 @@ _AT_LEAST: dict[str, float] = {
     "labnet.epochs": 0, "imgnet.epochs": 0, "imgnet.encode_batch_size": 1, "data.image_size": 8,
     "data.chunk_size": 1, "data.max_pixels": 1, "data.workers": 1, "data.s3_retries": 0, "evaluate.topk": 1,
     "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
-    "train.step_epochs": 1, "train.clip_value": 0, "train.threads": 0, "train.loader_workers": 0,
+    "train.step_epochs": 1, "labnet.clip_value": 0, "imgnet.clip_value": 0,
+    "train.threads": 0, "train.loader_workers": 0,
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "baseline.hashnet_step_size": 1,
 }  # fmt: skip
 _AT_MOST = {"bits": 4096, "sweep.bits": 4096, "compare.bits": 4096}

@@ -35,10 +35,10 @@ def _keys(section: str, names: str) -> tuple[str, ...]:
 
 
 _LABNET = _keys("labnet", "hidden lrn batch_size epochs lr_exp gamma_pf gamma_ph beta gamma_hl sim_scale logit_scale")
-_LABNET += _keys("labnet", "quant_reduction label_head")
-_TRAIN = _keys("train", "rounds optimizer momentum step_epochs step_exp clip_value device compile threads")
-_IMGNET = _keys("imgnet", "backbone weights batch_size epochs lr_exp backbone_lr_mult gamma_if eta sim_scale")
-_IMGNET += _keys("imgnet", "logit_scale code_scale code_target hash_from dropout flip encode_batch_size")
+_LABNET += _keys("labnet", "quant_reduction label_head clip_value")
+_TRAIN = _keys("train", "rounds optimizer momentum step_epochs step_exp device compile threads")
+_IMGNET = _keys("imgnet", "backbone weights batch_size epochs lr_exp backbone_lr_mult clip_value gamma_if eta")
+_IMGNET += _keys("imgnet", "sim_scale logit_scale code_scale code_target hash_from dropout flip encode_batch_size")
 _BASELINE = _keys("baseline", "dpsh_eta hashnet_alpha_bits hashnet_step_size hashnet_gamma hashnet_power features")
 _DATA = _keys("data", "source image_root list_dir train_list query_list database_list img_h5 lab_h5 fashion_dir")
 _DATA += _keys("data", "image_size n_database n_train n_query skip_bad_images max_pixels")

@@ -41,9 +41,11 @@ ORDER = [
 MARK = (2, 0, 1, 3)  # kernel index (h, w, cin, cout) that holds a marker value
 
 
-def cnnf_layers(skip=(), convs=None, std=0.05):
+def cnnf_layers(skip=(), convs=None, std=0.05, lrn_type="lrn", types=None):
     """MatConvNet layer records of CNN-F (cell array of structs for scipy.io.savemat); each conv
-    kernel holds the marker value 100 + its layer index at MARK."""
+    kernel holds the marker value 100 + its layer index at MARK. LRN layers are typed `lrn_type`
+    (`lrn`, or `normalize` as in MatConvNet's own imagenet-vgg-f.mat); `types` maps layer names
+    to a type that replaces theirs."""
     rng = np.random.default_rng(0)
     convs = {c[0]: c for c in (convs or CONVS)}
     layers = []
@@ -67,7 +69,7 @@ def cnnf_layers(skip=(), convs=None, std=0.05):
         elif name.startswith("relu"):
             layer = {"name": name, "type": "relu"}
         elif name.startswith("norm"):
-            layer = {"name": name, "type": "lrn", "param": np.array([[5, 2, 1e-4, 0.75]])}
+            layer = {"name": name, "type": lrn_type, "param": np.array([[5, 2, 1e-4, 0.75]])}
         elif name.startswith("pool"):
             layer = {
                 "name": name,
@@ -79,6 +81,7 @@ def cnnf_layers(skip=(), convs=None, std=0.05):
             }
         else:
             layer = {"name": name, "type": "softmax"}
+        layer["type"] = (types or {}).get(name, layer["type"])
         layers.append(layer)
     cell = np.empty((1, len(layers)), dtype=object)
     for i, layer in enumerate(layers):
@@ -86,16 +89,19 @@ def cnnf_layers(skip=(), convs=None, std=0.05):
     return cell
 
 
-def write_cnnf(path, layout="new", skip=(), avg=None, convs=None, std=0.05):
+def write_cnnf(path, layout="new", skip=(), avg=None, convs=None, std=0.05, lrn_type="lrn", types=None):
+    """A CNN-F file in MatConvNet's `new` (meta.normalization) or `old` (normalization, classes)
+    layout; the other arguments as in cnnf_layers."""
+    layers = cnnf_layers(skip, convs, std, lrn_type, types)
     avg = np.full((224, 224, 3), 100.0, dtype=np.float32) if avg is None else avg
     if layout == "new":
         content = {
-            "layers": cnnf_layers(skip, convs, std),
+            "layers": layers,
             "meta": {"normalization": {"averageImage": avg, "imageSize": [224, 224, 3]}},
         }
     else:
         content = {
-            "layers": cnnf_layers(skip, convs, std),
+            "layers": layers,
             "normalization": {"averageImage": avg},
             "classes": {"name": np.array(["a", "b"], dtype=object)},
         }

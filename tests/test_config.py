@@ -46,6 +46,16 @@ def test_negative_thread_counts_are_refused():
         from_dict({"train": {"threads": -2}})
 
 
+def test_clip_values_are_per_network_and_not_negative():
+    cfg = from_dict({"labnet": {"clip_value": 0.5}, "imgnet": {"clip_value": 0}})
+    assert (cfg.labnet.clip_value, cfg.imgnet.clip_value) == (0.5, 0.0)
+    for section in ("labnet", "imgnet"):
+        with pytest.raises(DsehError, match=f"{section}.clip_value.*must not be negative"):
+            from_dict({section: {"clip_value": -1.0}})
+    with pytest.raises(DsehError, match="train.clip_value"):
+        from_dict({"train": {"clip_value": 1.0}})
+
+
 def test_overrides_use_dvc_syntax():
     cfg = from_dict({}, ["bits=64", "labnet.epochs=[5,3]", "imgnet.lr_exp=4", "data.source=list-files"])
     assert cfg.bits == 64 and cfg.labnet.epochs == (5, 3) and cfg.imgnet.lr_exp == 4.0

@@ -58,6 +58,30 @@ def test_cnnf_missing_layer_is_named(tmp_path):
         CNNF(str(path), 224)
 
 
+@pytest.mark.parametrize("layout", ["new", "old"])
+def test_cnnf_lrn_spellings_build_the_same_network(tmp_path, layout):
+    """`normalize` (MatConvNet's imagenet-vgg-f.mat) and `lrn` are the same LRN layer."""
+    nets = [CNNF(str(write_cnnf(tmp_path / f"{t}.mat", layout, lrn_type=t)), 224).eval() for t in ("lrn", "normalize")]
+    a, b = (dict(n.features.named_children()) for n in nets)
+    assert list(a) == list(b) and {"norm1", "norm2"} <= set(a)
+    for name in ("norm1", "norm2"):
+        assert isinstance(b[name], torch.nn.LocalResponseNorm)
+        assert (b[name].size, b[name].alpha, b[name].beta, b[name].k) == (5, pytest.approx(5e-4), 0.75, 2.0)
+    for (ka, va), (kb, vb) in zip(nets[0].state_dict().items(), nets[1].state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    x = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(nets[0](nets[0].preprocess(x)), nets[1](nets[1].preprocess(x)))
+
+
+def test_cnnf_unknown_layer_type_is_refused(tmp_path):
+    path = write_cnnf(tmp_path / "f.mat", types={"norm2": "bnorm"})
+    with pytest.raises(DsehError, match=r"f\.mat: layer 'norm2' has type 'bnorm'"):
+        CNNF(str(path), 224)
+    # after relu7 (fc8, softmax) nothing is read
+    assert CNNF(str(write_cnnf(tmp_path / "g.mat", types={"prob": "bnorm"})), 224).out_dim == 8
+
+
 def test_cnnf_missing_or_bad_file(tmp_path):
     with pytest.raises(DsehError, match="does not exist"):
         CNNF(str(tmp_path / "nope.mat"), 224)

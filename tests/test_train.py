@@ -76,6 +76,27 @@ def test_two_rounds_continue_weights_and_use_imgnet_buffers(tiny_data, tmp_path)
         stages.train_labnet(cfg, tiny_data, 2, tmp_path / "x", tmp_path / "r1/lab", tmp_path / "r1/img", progress=False)
 
 
+def test_each_phase_clips_with_its_own_network_value(tiny_data, tmp_path, monkeypatch):
+    """labnet.clip_value in the LabNet phase, imgnet.clip_value in the ImgNet phase; 0 never clips."""
+    seen: list[float] = []
+    real = torch.nn.utils.clip_grad_value_
+
+    def spy(params, clip_value, **kw):
+        seen.append(clip_value)
+        return real(params, clip_value, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", spy)
+    cfg = from_dict(tiny_raw(labnet={"clip_value": 0.25}, imgnet={"clip_value": 0}))
+    stages.train_labnet(cfg, tiny_data, 0, tmp_path / "lab", progress=False)
+    assert seen and set(seen) == {0.25}
+    seen.clear()
+    stages.train_imgnet(cfg, tiny_data, 0, tmp_path / "lab", tmp_path / "img", progress=False)
+    assert seen == []
+    cfg = from_dict(tiny_raw(labnet={"clip_value": 0.25}, imgnet={"clip_value": 0.5}))
+    stages.train_imgnet(cfg, tiny_data, 0, tmp_path / "lab", tmp_path / "img2", progress=False)
+    assert seen and set(seen) == {0.5}
+
+
 def test_release_lr_schedule():
     assert lr_for_epoch(3.0, 0.5, 10, 0, 0) == pytest.approx(1e-3)
     assert lr_for_epoch(3.0, 0.5, 10, 10, 0) == pytest.approx(10**-3.5)

@@ -200,13 +200,48 @@ def _pool_layer(rec, name: str, where: str, seq: dict[str, nn.Module]) -> None:
     seq[name] = pool_cls(tuple(size), stride=tuple(stride))
 
 
+def _lrn_layer(rec, where: str) -> nn.Module:
+    """MatConvNet's cross-channel normalisation, param [N kappa alpha beta]:
+    x / (kappa + alpha * sum of N squares)^beta, which is PyTorch's LRN with alpha * N."""
+    param = [float(v) for v in np.asarray(_get(rec, "param", where)).ravel()]
+    if len(param) != 4:
+        raise DsehError(f"{where}: 'param' should hold [N kappa alpha beta], found {len(param)} values")
+    n, kappa, alpha, beta = param
+    return nn.LocalResponseNorm(int(n), alpha=alpha * n, beta=beta, k=kappa)
+
+
+# the layer types of CNN-F's conv1..relu7; `lrn` and `normalize` (imagenet-vgg-f.mat's) are one layer
+CNNF_LAYER_TYPES = ("conv", "relu", "lrn", "normalize", "pool")
+
+
+def _add_layer(rec, name: str, weights: str, channels: int, dropout: float, seq: dict[str, nn.Module]) -> int:
+    """Add one MatConvNet layer of conv1..relu7 to `seq`; returns the channels after it.
+    A type outside CNNF_LAYER_TYPES is refused, naming the file, the layer and the type."""
+    where = f"{weights}: layer '{name}'"
+    kind = _text(_get(rec, "type", where))
+    if kind == "conv":
+        return _conv_layer(rec, name, weights, channels, seq)
+    if kind == "relu":
+        seq[name] = nn.ReLU(inplace=True)
+        if name in ("relu6", "relu7"):
+            seq[name.replace("relu", "drop")] = nn.Dropout(dropout)
+    elif kind in ("lrn", "normalize"):
+        seq[name] = _lrn_layer(rec, where)
+    elif kind == "pool":
+        _pool_layer(rec, name, where, seq)
+    else:
+        raise DsehError(f"{where} has type '{kind}', not one of CNN-F's {', '.join(CNNF_LAYER_TYPES)}")
+    return channels
+
+
 CNNF_REQUIRED = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
 
 
 class CNNF(Backbone):
     """CNN-F (Chatfield et al. 2014) conv1..fc7 built from a MatConvNet file, dropout after fc6/fc7.
 
-    Layers are read by field name; kernels H x W x Cin x Cout map to PyTorch by
+    Layers are read by field name; LRN layers typed `lrn` or `normalize` are the same layer, and
+    any other type before relu7 is refused; kernels H x W x Cin x Cout map to PyTorch by
     transpose(3, 2, 0, 1); the file's average image is subtracted on input (0-255 RGB).
     """
 
@@ -218,20 +253,8 @@ class CNNF(Backbone):
         channels = 3
         for rec in layers:
             name = _text(_get(rec, "name", f"{weights}: a layer"))
-            kind = _text(_get(rec, "type", f"{weights}: layer '{name}'"))
             names.append(name)
-            where = f"{weights}: layer '{name}'"
-            if kind == "conv":
-                channels = _conv_layer(rec, name, weights, channels, seq)
-            elif kind == "relu":
-                seq[name] = nn.ReLU(inplace=True)
-                if name in ("relu6", "relu7"):
-                    seq[name.replace("relu", "drop")] = nn.Dropout(dropout)
-            elif kind == "lrn":
-                n, kappa, alpha, beta = [float(v) for v in np.asarray(_get(rec, "param", where)).ravel()]
-                seq[name] = nn.LocalResponseNorm(int(n), alpha=alpha * n, beta=beta, k=kappa)
-            elif kind == "pool":
-                _pool_layer(rec, name, where, seq)
+            channels = _add_layer(rec, name, weights, channels, dropout, seq)
             if name == "relu7":
                 break
         missing = [n for n in CNNF_REQUIRED if n not in names]

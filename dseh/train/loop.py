@@ -57,6 +57,7 @@ class Phase:
     step: Callable[[nn.Module, np.ndarray, Any], dict[str, torch.Tensor]]
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpointed with the model
     seed: int = 0
+    clip_value: float = 0.0  # gradients clipped by value to [-clip, clip]; 0 disables
 
 
 def finite_or_raise(name: str, values: np.ndarray) -> None:
@@ -181,7 +182,7 @@ def run_phase(
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for epoch in range(start_epoch, phase.epochs):
-            history.append(_run_epoch(phase, net, params, cfg, gen, info, epoch, pool, workers, checkpoint, progress))
+            history.append(_run_epoch(phase, net, params, gen, info, epoch, pool, workers, checkpoint, progress))
             if checkpoint is not None and info.main:
                 _save_checkpoint(checkpoint, phase, fingerprint, epoch + 1, gen, history)
             report(history[-1])
@@ -194,7 +195,6 @@ def _run_epoch(
     phase: Phase,
     net: nn.Module,
     params: list[torch.Tensor],
-    cfg: TrainConfig,
     gen: torch.Generator,
     info: Dist,
     epoch: int,
@@ -232,8 +232,8 @@ def _run_epoch(
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
         phase.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        if cfg.clip_value > 0:
-            torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+        if phase.clip_value > 0:
+            torch.nn.utils.clip_grad_value_(params, phase.clip_value)
         phase.optimizer.step()
         for k, v in terms.items():
             acc[k] = acc.get(k, 0.0) + v.detach().double() * len(idx)

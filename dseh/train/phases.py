@@ -51,7 +51,7 @@ def labnet_phase(
 
     schedule = _schedule(cfg, train_cfg, round_index)
     return Phase("labnet", round_index, model, optimizer, len(Y), cfg.batch_size, epochs, schedule, [1.0],
-                 lambda idx, e, b: None, step, {"F": F_buf, "H": H_buf}, seed)  # fmt: skip
+                 lambda idx, e, b: None, step, {"F": F_buf, "H": H_buf}, seed, cfg.clip_value)  # fmt: skip
 
 
 def _schedule(cfg: LabNetConfig | ImgNetConfig, train_cfg: TrainConfig, round_index: int):
@@ -133,4 +133,4 @@ def imgnet_phase(
 
     schedule = _schedule(cfg, train_cfg, round_index)
     return Phase("imgnet", round_index, model, optimizer, len(train_items), cfg.batch_size, epochs, schedule,
-                 lr_mults, fetch, step, buffers or {}, seed)  # fmt: skip
+                 lr_mults, fetch, step, buffers or {}, seed, cfg.clip_value)  # fmt: skip
