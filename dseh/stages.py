@@ -121,10 +121,12 @@ def train_labnet(
     prev_labnet: str | Path | None = None,
     prev_imgnet: str | Path | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """LabNet phase of round r. Round 0 starts from random weights and N(0,1) buffers; round r > 0
     continues LabNet r-1 (weights and optimiser) with buffers from ImgNet r-1:
-    H~ = sign(u), F~ = f^v over the training images. Methods without a LabNet record that only."""
+    H~ = sign(u), F~ = f^v over the training images. Methods without a LabNet record that only.
+    The resume checkpoint is `checkpoint` when given, else beside the output."""
     _check_round(cfg, "train_labnet", round_index, {"LabNet": prev_labnet, "ImgNet": prev_imgnet})
     if not methods.get(cfg.method).needs_labnet:
         # the stage records that it has nothing to do, so the DVC graph stays one shape
@@ -157,7 +159,7 @@ def train_labnet(
             seed,
         )
         out = Path(out_dir)
-        ckpt = artifacts.checkpoint_path(out)
+        ckpt = Path(checkpoint) if checkpoint else artifacts.checkpoint_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         fp = labnet_fingerprint(cfg, round_index, inputs)
@@ -222,13 +224,15 @@ def train_imgnet(
     out_dir: str | Path,
     prev_imgnet: str | Path | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Image-network phase of round r: the method's objective (dseh.methods) in the one loop (DSEH
     against LabNet round r's fixed targets; round r > 0 continues round r - 1), or for a linear
     method a hash fitted on image features.
 
     Writes the model, the packed codes of every item, sign(u) and f^v over the training items
-    (the next LabNet round's buffers) and the history."""
+    (the next LabNet round's buffers) and the history. The resume checkpoint is `checkpoint` when
+    given, else beside the output."""
     _check_round(cfg, "train_imgnet", round_index, {"ImgNet": prev_imgnet})
     data = as_prepared(data_dir)
     method = methods.get(cfg.method)
@@ -262,7 +266,7 @@ def train_imgnet(
         fp = artifacts.fingerprint(
             "train_imgnet", round_index, values(cfg, STAGE_PARAMS["train_imgnet"]), inputs, dtype
         )
-        ckpt = artifacts.checkpoint_path(out)
+        ckpt = Path(checkpoint) if checkpoint else artifacts.checkpoint_path(out)
         t0 = time.perf_counter()
         history = run_phase(phase, cfg.train, ckpt, fp, progress, tr.log_epoch if tr else None)
         if not rank.main:  # rank 0 encodes and writes the step output
