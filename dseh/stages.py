@@ -76,11 +76,21 @@ def _check_compatible(model: StepModel, cfg: Config | None, data: PreparedData, 
         raise DsehError(f"{where} was trained on another prepared dataset than {data.root}")
 
 
-def _log_step(tr, out: Path, name: str, summary: dict) -> None:
+def _log_step(tr, out: Path, name: str, summary: dict, exclude: tuple[str, ...] = ()) -> None:
     if tr is None:
         return
     tr.log_metrics(summary)
-    tr.log_artifacts(out, name)
+    tr.log_artifacts(out, name, exclude)
+
+
+def _log_imgnet_model(tr, cfg: Config, step_dir: Path, data: PreparedData) -> dict:
+    """Log the image network of `step_dir` as the pyfunc model `imgnet` in the step's run (two query
+    images as its input example); its URI and run for the summary. Nothing without tracking."""
+    if tr is None:
+        return {}
+    with tracking.guard(tr.uri):
+        promotion.log_step_model(cfg, step_dir, data)
+    return {"model_uri": f"runs:/{tr.run_id}/imgnet", "model_run_id": tr.run_id}
 
 
 def _final(history: list[dict]) -> dict:
@@ -232,7 +242,8 @@ def train_imgnet(
 
     Writes the model, the packed codes of every item, sign(u) and f^v over the training items
     (the next LabNet round's buffers) and the history. The resume checkpoint is `checkpoint` when
-    given, else beside the output."""
+    given, else beside the output. With tracking, the model is logged as a pyfunc model in the
+    step's run and its URI recorded in the summary (`model_uri`)."""
     _check_round(cfg, "train_imgnet", round_index, {"ImgNet": prev_imgnet})
     data = as_prepared(data_dir)
     method = methods.get(cfg.method)
@@ -290,9 +301,10 @@ def train_imgnet(
             )  # fmt: skip
             artifacts.save_codes(tmp, codes)
             artifacts.save_train_outputs(tmp, sign(u_all[data.train]), f_all[data.train].astype(np.float32))
+            summary.update(_log_imgnet_model(tr, cfg, tmp, data))
             artifacts.write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
-        _log_step(tr, out, "imgnet", summary)
+        _log_step(tr, out, "imgnet", summary, exclude=(artifacts.MODEL,))
     return summary
 
 
@@ -398,7 +410,8 @@ def promote(
 ) -> dict:
     """Register the evaluated image network as a new version of tracking.registered_model and move
     `champion` to it when dseh.promotion.decide says so; with dry_run say what would happen and
-    write nothing anywhere. decision.json is written only for a real promotion."""
+    write nothing anywhere. decision.json is written only for a real promotion. The model that
+    train_imgnet logged (its summary's model_uri) is the one registered when the registry reaches it."""
     data = PreparedData(data_dir)
     metrics = artifacts.read_json(Path(eval_dir) / artifacts.METRICS, "run `dseh evaluate` first")
     img = load_step_model(imgnet_dir, ("imgnet", "linear-hash"))
@@ -412,7 +425,9 @@ def promote(
     if dry_run:
         decision = promotion.dry_run(cfg, candidate, data)
     else:
-        decision = promotion.register(cfg, candidate, imgnet_dir, data)
+        summary = Path(imgnet_dir) / artifacts.SUMMARY
+        trained = artifacts.read_json(summary).get("model_uri") if summary.is_file() else None
+        decision = promotion.register(cfg, candidate, imgnet_dir, data, trained)
         if out_dir is not None:
             with atomic_dir(out_dir) as tmp:
                 artifacts.write_json(tmp / artifacts.DECISION, decision)
