@@ -48,14 +48,17 @@ def train_labnet(
     prev_imgnet: Input[Model] = None,
     gpus: int = 1,
     run_id: str = "",
+    checkpoint_dir: str = "",
 ):
-    """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU."""
+    """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU. With
+    checkpoint_dir (a folder on the claim) a retry of the step in the same run resumes."""
     from dseh import kube
 
     kube.enter_pipeline_run(run_id)
     summary = kube.run_training_step(
         "train-labnet", config, round_index, gpus, data.path, labnet.path,
         prev_labnet=prev_labnet.path if prev_labnet else None, prev_imgnet=prev_imgnet.path if prev_imgnet else None,
+        checkpoint_dir=checkpoint_dir or None,
     )  # fmt: skip
     labnet.metadata.update({"round": round_index, "distinct_codes": summary.get("distinct_codes")})
 
@@ -71,14 +74,17 @@ def train_imgnet(
     prev_imgnet: Input[Model] = None,
     gpus: int = 1,
     run_id: str = "",
+    checkpoint_dir: str = "",
 ):
-    """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU."""
+    """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU. With
+    checkpoint_dir (a folder on the claim) a retry of the step in the same run resumes."""
     from dseh import kube
 
     run = kube.enter_pipeline_run(run_id)
     summary = kube.run_training_step(
         "train-imgnet", config, round_index, gpus, data.path, imgnet.path,
         labnet=labnet.path, prev_imgnet=prev_imgnet.path if prev_imgnet else None,
+        checkpoint_dir=checkpoint_dir or None,
     )  # fmt: skip
     scalars = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     imgnet.metadata.update({"round": round_index, "pipeline_run": run, **scalars})

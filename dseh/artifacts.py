@@ -110,6 +110,13 @@ def checkpoint_path(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.ckpt.pt"
 
 
+def durable_checkpoint(folder: str | Path, run_id: str, step: str, round_index: int) -> Path:
+    """A step's resume checkpoint in a folder that outlives its pod (a claim's folder): one per
+    pipeline run, step and round, so a retried step (a new pod with a new output path) finds it."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in run_id).strip(".") or "run"
+    return Path(folder) / safe / f"{step}-round{round_index}.ckpt.pt"
+
+
 # --------------------------------------------------------------------------- the step model file
 
 

@@ -39,6 +39,9 @@ def _positive(text: str) -> int:
     return n
 
 
+CHECKPOINT_HELP = "resume checkpoint file (default: beside the output, .OUT.ckpt.pt)"
+
+
 def _steps(sub) -> None:
     p = sub.add_parser("prepare", help="build the prepared dataset from data.source")
     _common(p)
@@ -51,6 +54,7 @@ def _steps(sub) -> None:
     p.add_argument("--out")
     p.add_argument("--prev-labnet", help="LabNet output of the previous round (default from the layout)")
     p.add_argument("--prev-imgnet", help="ImgNet output of the previous round (default from the layout)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
     p = sub.add_parser("train-imgnet", help="image-network phase of one round (any method)")
     _common(p)
@@ -59,6 +63,7 @@ def _steps(sub) -> None:
     p.add_argument("--labnet", help="LabNet output of this round (default from the layout)")
     p.add_argument("--prev-imgnet", help="ImgNet output of the previous round (default from the layout)")
     p.add_argument("--out")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
     p = sub.add_parser("evaluate", help="metrics, plots and the HTML report of the last round")
     _common(p)
@@ -237,7 +242,8 @@ def _train_labnet(args) -> None:
     r = args.round
     prev_l = args.prev_labnet or (lay.labnet(r - 1) if r > 0 else None)
     prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
-    stages.train_labnet(cfg, args.data or lay.data, r, args.out or lay.labnet(r), prev_l, prev_i, progress)
+    out = args.out or lay.labnet(r)
+    stages.train_labnet(cfg, args.data or lay.data, r, out, prev_l, prev_i, progress, args.checkpoint)
 
 
 def _train_imgnet(args) -> None:
@@ -247,7 +253,8 @@ def _train_imgnet(args) -> None:
     r = args.round
     prev_i = args.prev_imgnet or (lay.imgnet(r - 1) if r > 0 else None)
     labnet = args.labnet or lay.labnet(r)
-    stages.train_imgnet(cfg, args.data or lay.data, r, labnet, args.out or lay.imgnet(r), prev_i, progress)
+    out = args.out or lay.imgnet(r)
+    stages.train_imgnet(cfg, args.data or lay.data, r, labnet, out, prev_i, progress, args.checkpoint)
 
 
 def _evaluate(args) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dseh import artifacts
 from dseh.errors import DsehError
-from dseh.pipeline_params import POD, POD_NAME_ENV, Placement
+from dseh.pipeline_params import CHECKPOINTS, POD, POD_NAME_ENV, Placement
 from dseh.tracking import PIPELINE_ENV
 
 log = logging.getLogger(__name__)
@@ -315,13 +315,18 @@ def train_imgnet_on_cluster(
     """The ImgNet step as a multi-node job: stage the resolved params and the inputs on the shared
     volume (mounted here at opts.mount_path), run the job, copy its output to `out_dir`, and remove
     the job's folder, whether the job succeeded or not; returns the step's summary. The job's name
-    is the attempt's (a retried step runs a job and a folder of its own)."""
+    is the attempt's (a retried step runs a job and a folder of its own); its resume checkpoint is
+    the pipeline run's, on the shared volume under CHECKPOINTS, so the retry's job resumes."""
     import shutil
 
     from dseh.storage import copy_dir
 
     work = Path(opts.mount_path) / "dseh-jobs" / opts.name
     args = ["train-imgnet", "--params", str(work / "params.yaml"), "--round", str(round_index), "-q"]
+    ckpt = artifacts.durable_checkpoint(
+        Path(opts.mount_path) / CHECKPOINTS, env_pipeline_run(), "train-imgnet", round_index
+    )
+    args += ["--checkpoint", str(ckpt)]
     try:
         (work / "inputs").mkdir(parents=True, exist_ok=True)
         (work / "params.yaml").write_text(config_text)
@@ -347,25 +352,37 @@ def run_training_step(
     labnet: str | Path | None = None,
     prev_labnet: str | Path | None = None,
     prev_imgnet: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict:
     """A training step (train-labnet or train-imgnet) from resolved params text, as a Kubeflow
     component runs it: in this process for one GPU, else data-parallel under torchrun with one
-    process per GPU (rank 0 writes the output). Returns the step's summary."""
+    process per GPU (rank 0 writes the output). Returns the step's summary. With `checkpoint_dir`
+    (a folder that outlives the pod, on the claim) the resume checkpoint lives there, keyed by the
+    pipeline run, step and round (artifacts.durable_checkpoint): a retried step resumes."""
     import tempfile
 
     from dseh import stages
     from dseh.config import from_yaml_text
 
     cfg = from_yaml_text(config_text)
+    ckpt = None
+    if checkpoint_dir:
+        ckpt = artifacts.durable_checkpoint(checkpoint_dir, env_pipeline_run(), step, round_index)
+        log.info("%s round %d: resume checkpoint at %s", step, round_index, ckpt)
     if gpus <= 1:
         if step == "train-labnet":
-            return stages.train_labnet(cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False)
-        return stages.train_imgnet(cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False)
+            return stages.train_labnet(
+                cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False, checkpoint=ckpt
+            )
+        return stages.train_imgnet(
+            cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False, checkpoint=ckpt
+        )
     with tempfile.TemporaryDirectory() as tmp:
         params = Path(tmp) / "params.yaml"
         params.write_text(config_text)
         args = [step, "--params", str(params), "--round", str(round_index), "--data", str(data_dir), "-q"]
-        for flag, path in (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet)):
+        pairs = (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet))
+        for flag, path in (*pairs, ("--checkpoint", ckpt)):
             if path:
                 args += [flag, str(path)]
         run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)

@@ -115,6 +115,7 @@ class PodResources:
 
 POD = PodResources()
 POD_NAME_ENV = "DSEH_POD_NAME"  # a step's pod name, which the pipeline sets from metadata.name: one per attempt
+CHECKPOINTS = "dseh-checkpoints"  # the folder on the claim that holds the training steps' resume checkpoints
 
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dseh import tracking
+from dseh.artifacts import MODEL, file_sha, fingerprint
 from dseh.config import Config
 from dseh.errors import DsehError
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 COMPARABLE_TAGS = ("dseh.metric", "dseh.protocol", "dseh.dataset_sha256")
+PROMOTION_KEY = "dseh.promotion_key"  # the version tag that makes a retried promotion find its version
 
 
 @dataclass(frozen=True)
@@ -210,34 +212,95 @@ def dry_run(cfg: Config, cand: Candidate, data=None) -> dict:
     return {**decision, "decision": verdict, "reason": reason, "champion_version": getattr(champ, "version", None)}
 
 
-def register(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data) -> dict:
+def register(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data, model_uri: str | None = None) -> dict:
     """Register the candidate (the image network of the step output `imgnet_dir`, trained on the
-    prepared `data`), alias it challenger, move champion when `decide` says so. Fails when the
-    registry cannot be reached, whatever tracking.required says (that setting is for logging while
-    training)."""
+    prepared `data`), alias it challenger, move champion when `decide` says so. The version's
+    source is `model_uri` (the model train_imgnet logged in its run) when this registry reaches
+    it, else the model logged anew in the promote run. A promotion with the key of one already
+    registered (promotion_key) returns that one's recorded decision and registers nothing. Fails
+    when the registry cannot be reached, whatever tracking.required says (that setting is for
+    logging while training)."""
     reg = cfg.tracking.registered_model
     decision: dict = {"registered_model": reg, "metric": cand.metric, "value": cand.value}
     if not cfg.tracking.enabled:
         return {**decision, "decision": "skipped", "reason": "tracking.enabled is false"}
     with tracking.step_run(cfg, "promote", cand.dataset_sha256, required=True) as tr:
         with tracking.guard(tracking.tracking_uri()):
-            decision.update(_register_and_promote(cfg, cand, imgnet_dir, data))
+            decision.update(_register_and_promote(cfg, cand, imgnet_dir, data, model_uri))
         tr.log_metrics({"candidate_" + cand.metric: cand.value})
     return decision
 
 
-def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data) -> dict:
-    import mlflow
+def log_step_model(cfg: Config, imgnet_dir: str | Path, data):
+    """Log the image network of the step output `imgnet_dir` as the pyfunc model `imgnet` in the
+    active run, two query images of the prepared `data` as its input example; returns ModelInfo."""
     import numpy as np
 
     from dseh.models.factory import load_imgnet
 
+    model, state = load_imgnet(imgnet_dir)
+    example = np.asarray(data.images[np.sort(data.query[:2])])
+    return tracking.log_imgnet_model(model, state.image_size, state.bits, cfg.imgnet.encode_batch_size, example)
+
+
+def promotion_key(cfg: Config, cand: Candidate, imgnet_dir: str | Path) -> str:
+    """What makes two promotions one: the pipeline run (DSEH_PIPELINE_RUN, else the key of the
+    dataset and config, as for the parent run), the sha256 of the model file and the candidate's
+    evaluation (metric, value, protocol): `run/sha256 of the model file and the evaluation`."""
+    run = tracking.pipeline_key(cfg, cand.dataset_sha256)
+    return f"{run}/{fingerprint(file_sha(Path(imgnet_dir) / MODEL), cand.tags)}"
+
+
+def find_promotion(client, reg: str, key: str):
+    """The version of `reg` registered under the promotion key `key`, or None."""
+    versions = client.search_model_versions(f"name = '{reg}'")
+    return next((v for v in versions if v.tags.get(PROMOTION_KEY) == key), None)
+
+
+def _recorded(client, reg: str, version) -> dict:
+    """The decision recorded on a version's tags, as _register_and_promote returns it."""
+    final = current_champion(client, reg)
+    metric = version.tags.get("dseh.champion_metric", "None")
+    return {
+        "decision": version.tags["dseh.decision"],
+        "reason": version.tags.get("dseh.reason"),
+        "version": version.version,
+        "previous_champion_metric": None if metric == "None" else float(metric),
+        "champion_version": getattr(final, "version", None),
+        "model_uri": f"models:/{reg}@{CHAMPION}" if final is not None else None,
+    }
+
+
+def _reachable(model_uri: str | None) -> bool:
+    """The registry's tracking server holds the model at `model_uri`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri:
+        return False
+    try:
+        mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError) as exc:
+        log.warning("%s is not on this tracking server (%s): the model is logged in the promote run", model_uri, exc)
+        return False
+    return True
+
+
+def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data, model_uri: str | None) -> dict:
+    import mlflow
+
     client = mlflow.MlflowClient()
     reg = cfg.tracking.registered_model
-    model, state = load_imgnet(imgnet_dir)
-    example = np.asarray(data.images[np.sort(data.query[:2])])  # two query images as the input example
-    info = tracking.log_imgnet_model(model, state.image_size, state.bits, cfg.imgnet.encode_batch_size, example)
-    version = mlflow.register_model(info.model_uri, reg, tags=cand.tags).version
+    key = promotion_key(cfg, cand, imgnet_dir)
+    found = find_promotion(client, reg, key)
+    if found is not None and "dseh.decision" in found.tags:
+        log.info("version %s of %s holds this promotion (%s) already: its decision stands", found.version, reg, key)
+        return _recorded(client, reg, found)
+    if found is not None:  # registered by an attempt that ended before it decided
+        version = found.version
+    else:
+        source = model_uri if _reachable(model_uri) else log_step_model(cfg, imgnet_dir, data).model_uri
+        version = mlflow.register_model(source, reg, tags={**cand.tags, PROMOTION_KEY: key}).version
     client.set_registered_model_alias(reg, CHALLENGER, version)
     champ, reevaluated, ok, reason = _judge(cfg, cand, client, reg, data)
     champ_metric = reevaluated if reevaluated is not None else (version_metric(champ) if champ is not None else None)

@@ -76,11 +76,21 @@ def _check_compatible(model: StepModel, cfg: Config | None, data: PreparedData, 
         raise DsehError(f"{where} was trained on another prepared dataset than {data.root}")
 
 
-def _log_step(tr, out: Path, name: str, summary: dict) -> None:
+def _log_step(tr, out: Path, name: str, summary: dict, exclude: tuple[str, ...] = ()) -> None:
     if tr is None:
         return
     tr.log_metrics(summary)
-    tr.log_artifacts(out, name)
+    tr.log_artifacts(out, name, exclude)
+
+
+def _log_imgnet_model(tr, cfg: Config, step_dir: Path, data: PreparedData) -> dict:
+    """Log the image network of `step_dir` as the pyfunc model `imgnet` in the step's run (two query
+    images as its input example); its URI and run for the summary. Nothing without tracking."""
+    if tr is None:
+        return {}
+    with tracking.guard(tr.uri):
+        promotion.log_step_model(cfg, step_dir, data)
+    return {"model_uri": f"runs:/{tr.run_id}/imgnet", "model_run_id": tr.run_id}
 
 
 def _final(history: list[dict]) -> dict:
@@ -121,10 +131,12 @@ def train_labnet(
     prev_labnet: str | Path | None = None,
     prev_imgnet: str | Path | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """LabNet phase of round r. Round 0 starts from random weights and N(0,1) buffers; round r > 0
     continues LabNet r-1 (weights and optimiser) with buffers from ImgNet r-1:
-    H~ = sign(u), F~ = f^v over the training images. Methods without a LabNet record that only."""
+    H~ = sign(u), F~ = f^v over the training images. Methods without a LabNet record that only.
+    The resume checkpoint is `checkpoint` when given, else beside the output."""
     _check_round(cfg, "train_labnet", round_index, {"LabNet": prev_labnet, "ImgNet": prev_imgnet})
     if not methods.get(cfg.method).needs_labnet:
         # the stage records that it has nothing to do, so the DVC graph stays one shape
@@ -157,7 +169,7 @@ def train_labnet(
             seed,
         )
         out = Path(out_dir)
-        ckpt = artifacts.checkpoint_path(out)
+        ckpt = Path(checkpoint) if checkpoint else artifacts.checkpoint_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         fp = labnet_fingerprint(cfg, round_index, inputs)
@@ -222,13 +234,16 @@ def train_imgnet(
     out_dir: str | Path,
     prev_imgnet: str | Path | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Image-network phase of round r: the method's objective (dseh.methods) in the one loop (DSEH
     against LabNet round r's fixed targets; round r > 0 continues round r - 1), or for a linear
     method a hash fitted on image features.
 
     Writes the model, the packed codes of every item, sign(u) and f^v over the training items
-    (the next LabNet round's buffers) and the history."""
+    (the next LabNet round's buffers) and the history. The resume checkpoint is `checkpoint` when
+    given, else beside the output. With tracking, the model is logged as a pyfunc model in the
+    step's run and its URI recorded in the summary (`model_uri`)."""
     _check_round(cfg, "train_imgnet", round_index, {"ImgNet": prev_imgnet})
     data = as_prepared(data_dir)
     method = methods.get(cfg.method)
@@ -262,7 +277,7 @@ def train_imgnet(
         fp = artifacts.fingerprint(
             "train_imgnet", round_index, values(cfg, STAGE_PARAMS["train_imgnet"]), inputs, dtype
         )
-        ckpt = artifacts.checkpoint_path(out)
+        ckpt = Path(checkpoint) if checkpoint else artifacts.checkpoint_path(out)
         t0 = time.perf_counter()
         history = run_phase(phase, cfg.train, ckpt, fp, progress, tr.log_epoch if tr else None)
         if not rank.main:  # rank 0 encodes and writes the step output
@@ -286,9 +301,10 @@ def train_imgnet(
             )  # fmt: skip
             artifacts.save_codes(tmp, codes)
             artifacts.save_train_outputs(tmp, sign(u_all[data.train]), f_all[data.train].astype(np.float32))
+            summary.update(_log_imgnet_model(tr, cfg, tmp, data))
             artifacts.write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
-        _log_step(tr, out, "imgnet", summary)
+        _log_step(tr, out, "imgnet", summary, exclude=(artifacts.MODEL,))
     return summary
 
 
@@ -394,7 +410,8 @@ def promote(
 ) -> dict:
     """Register the evaluated image network as a new version of tracking.registered_model and move
     `champion` to it when dseh.promotion.decide says so; with dry_run say what would happen and
-    write nothing anywhere. decision.json is written only for a real promotion."""
+    write nothing anywhere. decision.json is written only for a real promotion. The model that
+    train_imgnet logged (its summary's model_uri) is the one registered when the registry reaches it."""
     data = PreparedData(data_dir)
     metrics = artifacts.read_json(Path(eval_dir) / artifacts.METRICS, "run `dseh evaluate` first")
     img = load_step_model(imgnet_dir, ("imgnet", "linear-hash"))
@@ -408,7 +425,9 @@ def promote(
     if dry_run:
         decision = promotion.dry_run(cfg, candidate, data)
     else:
-        decision = promotion.register(cfg, candidate, imgnet_dir, data)
+        summary = Path(imgnet_dir) / artifacts.SUMMARY
+        trained = artifacts.read_json(summary).get("model_uri") if summary.is_file() else None
+        decision = promotion.register(cfg, candidate, imgnet_dir, data, trained)
         if out_dir is not None:
             with atomic_dir(out_dir) as tmp:
                 artifacts.write_json(tmp / artifacts.DECISION, decision)

@@ -138,15 +138,22 @@ class Tracker:
         with guard(self.uri):
             mlflow.log_metrics(flat)
 
-    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None, exclude: tuple[str, ...] = ()) -> None:
+        """A file, or a folder's files and subfolders but those named in `exclude` (its top level)."""
         import mlflow
 
         p = Path(path)
         with guard(self.uri):
-            if p.is_dir():
+            if not p.is_dir():
+                mlflow.log_artifact(str(p), artifact_path)
+            elif not exclude:
                 mlflow.log_artifacts(str(p), artifact_path)
             else:
-                mlflow.log_artifact(str(p), artifact_path)
+                for child in sorted(c for c in p.iterdir() if c.name not in exclude):
+                    if child.is_dir():
+                        mlflow.log_artifacts(str(child), "/".join(filter(None, (artifact_path, child.name))))
+                    else:
+                        mlflow.log_artifact(str(child), artifact_path)
 
 
 @contextmanager

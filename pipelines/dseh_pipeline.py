@@ -10,10 +10,11 @@ from kfp import dsl, kubernetes
 
 from components import dseh_components as c
 from dseh.errors import DsehError
-from dseh.pipeline_params import POD, POD_NAME_ENV, TYPED, Placement, signature
+from dseh.pipeline_params import CHECKPOINTS, POD, POD_NAME_ENV, TYPED, Placement, signature
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+CHECKPOINT_DIR = f"/data/{CHECKPOINTS}"  # with a claim: the training steps' resume checkpoints, per run
 
 
 @dataclass(frozen=True)
@@ -108,17 +109,20 @@ def build_pipeline(opts: PipelineOptions):
         run = {"config": cfg.output, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         prep = step(comp.prepare(data_version=p["data_version"], **run), p, 1 if opts.gpu_prepare else 0)
         data = prep.outputs["data"]
+        # a retried training step (a new pod) resumes from its checkpoint on the claim
+        ckpt = {"checkpoint_dir": CHECKPOINT_DIR} if opts.pvc_name else {}
         lab = img = None
         for r in range(opts.rounds):
             common = dict(data_version=p["data_version"], round_index=r, data=data, **run)
             prev = {"prev_labnet": lab.outputs["labnet"], "prev_imgnet": img.outputs["imgnet"]} if r else {}
-            lab = step(comp.train_labnet(gpus=opts.gpus, **common, **prev), p, opts.gpus)
+            lab = step(comp.train_labnet(gpus=opts.gpus, **common, **prev, **ckpt), p, opts.gpus)
             lab.set_display_name(f"train LabNet round {r}")
             common.update({"prev_imgnet": img.outputs["imgnet"]} if r else {})
             if opts.nodes > 1:
                 img = imgnet_job(p, common, lab.outputs["labnet"], r)
             else:
-                img = step(comp.train_imgnet(labnet=lab.outputs["labnet"], gpus=opts.gpus, **common), p, opts.gpus)
+                task = comp.train_imgnet(labnet=lab.outputs["labnet"], gpus=opts.gpus, **common, **ckpt)
+                img = step(task, p, opts.gpus)
                 img.set_display_name(f"train ImgNet round {r}")
         models = {"labnet": lab.outputs["labnet"], "imgnet": img.outputs["imgnet"]}
         ev = step(comp.evaluate(data=data, **models, **run), p, opts.gpus)

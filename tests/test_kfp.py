@@ -81,6 +81,10 @@ def test_compiled_pipeline_requests_gpus_retries_secrets_and_shm(tmp_path, monke
     assert lab["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and lab["emptyDirMounts"][0]["medium"] == "Memory"
     assert lab["emptyDirMounts"][0]["sizeLimit"] == POD.shm_size
     assert lab["pvcMount"][0]["mountPath"] == "/data"
+    # with a claim the training steps keep their resume checkpoints on it: a retried pod resumes
+    for task in ("train-labnet", "train-imgnet-2"):
+        ckpt = tasks[task]["inputs"]["parameters"]["checkpoint_dir"]["runtimeValue"]["constant"]
+        assert ckpt == "/data/dseh-checkpoints", task
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"bits", "data_version", "overrides", "weights", "backbone", "registered_model", "source"} <= set(params)
     baked = json.loads(params["params"]["defaultValue"])

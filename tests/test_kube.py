@@ -116,13 +116,19 @@ def test_job_state_reads_each_kind_of_condition():
     assert kube.job_state(pj, {"conditions": [{"type": "Failed", "status": "True"}]}) == "failed"
 
 
-def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_path):
+def _prepared_with_labnet(tmp_path) -> tuple[str, object]:
+    """(resolved params text, the local layout's root) with prepare and LabNet round 0 run."""
     cfg = yaml.safe_dump(tiny_raw(**LEARNING))
     (tmp_path / "params.yaml").write_text(cfg)
     root = tmp_path / "local"
     args = ["--params", str(tmp_path / "params.yaml"), "--root", str(root), "-q"]
     for step in ("prepare", "train-labnet"):
         assert main([step, *args]) == 0
+    return cfg, root
+
+
+def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_path):
+    cfg, root = _prepared_with_labnet(tmp_path)
     shared = tmp_path / "pvc"
     o = opts(kind="trainjob", nodes=2, gpus_per_node=1, mount_path=str(shared))
     out = tmp_path / "kfp-output"
@@ -135,6 +141,9 @@ def test_imgnet_step_as_a_two_node_job_stages_inputs_and_returns_the_output(tmp_
     work = shared / "dseh-jobs" / o.name
     assert cmd[cmd.index("--data") + 1] == str(work / "inputs" / "data")
     assert cmd[cmd.index("--out") + 1] == str(work / "output")
+    # the resume checkpoint is the pipeline run's, on the shared volume (a retry's job resumes from it)
+    ckpt = cmd[cmd.index("--checkpoint") + 1]
+    assert ckpt.startswith(str(shared / "dseh-checkpoints")) and not os.path.exists(ckpt)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == LEARNING["imgnet"]["epochs"][0]
     codes = np.load(out / "codes.npy")
@@ -151,3 +160,41 @@ def test_the_rbac_manifest_grants_what_submit_and_wait_calls():
     for group, _, plural in (kube.TRAINJOB, kube.PYTORCHJOB):
         assert {"create", "get"} <= granted[(group, plural)]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_a_retried_training_step_resumes_from_its_checkpoint_dir(tmp_path, monkeypatch, caplog):
+    """A training step killed after its first epoch and run again (a new pod: a fresh output path)
+    with the same checkpoint dir and pipeline run resumes there and ends with the codes of an
+    uninterrupted run."""
+    from dseh import artifacts, stages
+
+    cfg, root = _prepared_with_labnet(tmp_path)
+    monkeypatch.setenv("DSEH_PIPELINE_RUN", "run-7")
+    ckpt_dir = tmp_path / "claim" / "dseh-checkpoints"
+    ckpt = artifacts.durable_checkpoint(ckpt_dir, "run-7", "train-imgnet", 0)
+    real = stages.run_phase
+
+    def killed_after_epoch_one(phase, train_cfg, checkpoint, fp, progress=True, on_epoch=None):
+        def hook(row):
+            if row["epoch"] >= 1:
+                raise DsehError("pod killed")
+
+        return real(phase, train_cfg, checkpoint, fp, progress, hook)
+
+    def step(out, checkpoint_dir):
+        return kube.run_training_step(
+            "train-imgnet", cfg, 0, 1, root / "data", out, labnet=root / "labnet/round0", checkpoint_dir=checkpoint_dir
+        )
+
+    with monkeypatch.context() as m:
+        m.setattr(stages, "run_phase", killed_after_epoch_one)
+        with pytest.raises(DsehError, match="pod killed"):
+            step(tmp_path / "pod1/imgnet", ckpt_dir)
+    assert ckpt.is_file() and not (tmp_path / "pod1/imgnet").exists()
+    caplog.set_level("INFO")
+    step(tmp_path / "pod2/imgnet", ckpt_dir)
+    assert "resuming after epoch 1" in caplog.text
+    assert not ckpt.exists()  # removed once the step's output is written
+    step(tmp_path / "whole/imgnet", None)
+    resumed, whole = (np.load(tmp_path / d / "imgnet/codes.npy") for d in ("pod2", "whole"))
+    assert np.array_equal(resumed, whole)

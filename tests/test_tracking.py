@@ -87,7 +87,9 @@ def test_artifacts_land_in_the_s3_bucket(tracked, mlflow_server, s3_server):
     assert report, keys[:20]
     body = s3_server.client().get_object(Bucket=mlflow_server.bucket, Key=report[0])["Body"].read()
     assert body == (tracked[1].eval / "report.html").read_bytes()
-    assert any(k.endswith("imgnet/model.pt") for k in keys)
+    # the model that train_imgnet logged (the network alone); the step file with the optimizer state stays out
+    assert any(k.endswith("artifacts/imgnet_module.pt") for k in keys)
+    assert not any(k.endswith("imgnet/model.pt") for k in keys)
 
 
 def test_promotion_registry_and_pyfunc_codes(tracked, mlflow_server, monkeypatch, tmp_path):
@@ -107,7 +109,12 @@ def test_promotion_registry_and_pyfunc_codes(tracked, mlflow_server, monkeypatch
         metrics["map_all"]
     )
     assert client.get_model_version_by_alias(name, "challenger").version == first["version"]
-    # the same model again: not better by min_delta, so the champion stays
+    assert client.get_model_version(name, first["version"]).run_id == _train_imgnet_run(lay)  # lineage
+    # a retry of the promotion in the same pipeline run registers nothing new
+    assert stages.promote(cfg, lay.data, lay.imgnet(0), lay.eval, tmp_path / "p1") == first
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    # the same model in another pipeline run: not better by min_delta, so the champion stays
+    monkeypatch.setenv("DSEH_PIPELINE_RUN", "pipeline-test-2")
     second = stages.promote(cfg, lay.data, lay.imgnet(0), lay.eval, tmp_path / "p2")
     assert second["decision"] == "kept the champion" and "does not beat" in second["reason"]
     v2 = client.get_model_version(name, second["version"])
@@ -141,6 +148,10 @@ def test_promotion_registry_and_pyfunc_codes(tracked, mlflow_server, monkeypatch
     assert by_uri == by_dir and len(by_uri[0]["results"]) == 5
     with pytest.raises(DsehError, match="--codes"):
         search(f"models:/{name}@champion", str(lay.data), [str(tmp_path / "q.png")], 5)
+
+
+def _train_imgnet_run(lay) -> str:
+    return json.loads((lay.imgnet(0) / "summary.json").read_text())["model_run_id"]
 
 
 def _fake_eval(src, dst, value):
