@@ -215,50 +215,81 @@ def tie_aware_ap_from_histograms(n_d: np.ndarray, r_d: np.ndarray) -> np.ndarray
     return np.divide(contrib.sum(axis=1), total, out=np.zeros(len(n_d)), where=total > 0)
 
 
-def retrieval_report(
-    q_packed: np.ndarray,
-    db_packed: np.ndarray,
-    q_labels: np.ndarray,
-    db_labels: np.ndarray,
-    bits: int,
-    topk: int,
-    precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
-    chunk: int | None = None,
-) -> RetrievalReport:
-    """mAP@ALL, mAP@topk, tie-aware mAP, precision/recall@N and the PR curve by radius.
+def _ranked_relevance(dist: np.ndarray, rel: np.ndarray, bits: int) -> np.ndarray:
+    """rel (m, n) reordered by rank: ascending distance, ties by database index (a stable radix sort,
+    on uint8 keys when the distances fit)."""
+    m, n = dist.shape
+    order = np.argsort(dist.astype(np.uint8) if bits < 256 else dist, axis=1, kind="stable")
+    order += (np.arange(m, dtype=np.int64) * n)[:, None]
+    return np.take(rel.ravel(), order)
 
-    For each chunk of queries: distances to the whole database (uint16), one stable counting
-    sort (distance, then index), relevance gathered in rank order; histograms by distance feed
-    the PR curve and the tie-aware AP.
-    """
-    q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
-    db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
-    n_q, n_db = len(q_packed), len(db_packed)
-    k = min(topk, n_db)
-    qw, dw = label_words(q_labels), label_words(db_labels)
-    ap_all, ap_k, ap_t = np.empty(n_q), np.empty(n_q), np.empty(n_q)
-    ns = sorted(set(int(n) for n in precision_at))
-    hits_at = np.zeros((n_q, len(ns)))
-    hist_all = np.zeros((n_q, bits + 1))
-    hist_rel = np.zeros((n_q, bits + 1))
-    rows = _rows_per_chunk(n_db, chunk)
-    for s in range(0, n_q, rows):
-        e = min(n_q, s + rows)
-        dist = hamming_distances_packed(q_packed[s:e], db_packed)
-        rel = _relevance(qw[s:e], dw)
-        order = np.argsort(dist, axis=1, kind="stable")
-        rel_ranked = np.take_along_axis(rel, order, axis=1)
-        del order
-        ap_all[s:e] = ap_from_relevance(rel_ranked)
-        ap_k[s:e] = ap_from_relevance(rel_ranked[:, :k])
-        hits = np.cumsum(rel_ranked[:, : max(ns)], axis=1)
-        for j, n in enumerate(ns):
-            hits_at[s:e, j] = hits[:, min(n, n_db) - 1]
-        m = e - s
-        flat = (np.arange(m)[:, None] * (bits + 1) + dist).ravel()
-        hist_all[s:e] = np.bincount(flat, minlength=m * (bits + 1)).reshape(m, bits + 1)
-        hist_rel[s:e] = np.bincount(flat[rel.ravel()], minlength=m * (bits + 1)).reshape(m, bits + 1)
-    ap_t[:] = tie_aware_ap_from_histograms(hist_all, hist_rel)
+
+def _ap_sums(rel_ranked: np.ndarray, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sum_k P(k) rel(k) over all ranks, the same over the first `cut` ranks), each summed over the
+    full rank-ordered row with zeros off the relevant ranks: the exact float sums of ap_from_relevance."""
+    m, n = rel_ranked.shape
+    nz = np.flatnonzero(rel_ranked)
+    per_row = np.count_nonzero(rel_ranked, axis=1)
+    starts = np.cumsum(per_row) - per_row
+    rows = np.repeat(np.arange(m, dtype=np.int64), per_row)
+    hits = np.arange(1, len(nz) + 1, dtype=np.int64) - np.repeat(starts, per_row)
+    ranks = (nz - rows * n + 1).astype(np.float64)
+    full = np.zeros(m * n)
+    full[nz] = hits / ranks
+    full = full.reshape(m, n)
+    return full.sum(axis=1), np.ascontiguousarray(full[:, :cut]).sum(axis=1)
+
+
+def _histograms(dist: np.ndarray, rel: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(items, relevant items) by distance 0..bits per query row, from one bincount."""
+    m = len(dist)
+    width = 2 * (bits + 1)
+    dtype = np.uint16 if m * width < 1 << 16 else np.int64
+    key = dist.astype(dtype) * 2
+    key += rel
+    key += (np.arange(m, dtype=dtype) * width)[:, None]
+    counts = np.bincount(key.ravel(), minlength=m * width).reshape(m, bits + 1, 2)
+    return counts.sum(axis=2), counts[:, :, 1]
+
+
+@dataclass
+class ChunkParts:
+    """What one query chunk contributes to a report; retrieval_report and dseh.evaluation_torch fill it."""
+
+    ap_all: np.ndarray
+    ap_topk: np.ndarray
+    hits_at: np.ndarray  # (n_q, len(ns)) relevant items within the first min(n, n_db) ranks
+    hist_all: np.ndarray  # (n_q, bits + 1) items by distance
+    hist_rel: np.ndarray  # relevant items by distance
+
+    @classmethod
+    def empty(cls, n_q: int, n_ns: int, bits: int) -> ChunkParts:
+        z = np.zeros
+        return cls(z(n_q), z(n_q), z((n_q, n_ns)), z((n_q, bits + 1)), z((n_q, bits + 1)))
+
+    def put(self, s: int, e: int, ap_all, ap_topk, hits_at, hist_all, hist_rel) -> None:
+        self.ap_all[s:e], self.ap_topk[s:e], self.hits_at[s:e] = ap_all, ap_topk, hits_at
+        self.hist_all[s:e], self.hist_rel[s:e] = hist_all, hist_rel
+
+
+def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[int]):
+    """(ap_all, ap_topk, hits_at, hist_all, hist_rel) of one chunk of distances and relevance."""
+    n_db = dist.shape[1]
+    rel_ranked = _ranked_relevance(dist, rel, bits)
+    total = np.count_nonzero(rel_ranked, axis=1)
+    sum_all, sum_k = _ap_sums(rel_ranked, k)
+    hits = np.cumsum(rel_ranked[:, : max(k, max(ns))], axis=1)
+    total_k = hits[:, k - 1]
+    ap_all = np.divide(sum_all, total, out=np.zeros(len(dist)), where=total > 0)
+    ap_k = np.divide(sum_k, total_k, out=np.zeros(len(dist)), where=total_k > 0)
+    hits_at = hits[:, [min(n, n_db) - 1 for n in ns]]
+    return ap_all, ap_k, hits_at, *_histograms(dist, rel, bits)
+
+
+def report_from_parts(parts: ChunkParts, bits: int, k: int, ns: list[int], n_db: int) -> RetrievalReport:
+    """The RetrievalReport of per-query parts: tie-aware AP, the PR curve and precision/recall@N."""
+    n_q = len(parts.ap_all)
+    hits_at, hist_all, hist_rel = parts.hits_at, parts.hist_all, parts.hist_rel
     cum_all = np.cumsum(hist_all, axis=1)
     cum_rel = np.cumsum(hist_rel, axis=1)
     n_rel_total = cum_rel[:, -1]
@@ -274,15 +305,46 @@ def retrieval_report(
     return RetrievalReport(
         bits=bits,
         topk=k,
-        ap_all=ap_all,
-        ap_topk=ap_k,
-        ap_tie_aware=ap_t,
+        ap_all=parts.ap_all,
+        ap_topk=parts.ap_topk,
+        ap_tie_aware=tie_aware_ap_from_histograms(hist_all, hist_rel),
         precision_at=precision,
         recall_at=recall,
         pr_precision=pr_p,
         pr_recall=pr_r,
         queries_without_relevant=int((n_rel_total == 0).sum()),
     )
+
+
+def retrieval_report(
+    q_packed: np.ndarray,
+    db_packed: np.ndarray,
+    q_labels: np.ndarray,
+    db_labels: np.ndarray,
+    bits: int,
+    topk: int,
+    precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
+    chunk: int | None = None,
+) -> RetrievalReport:
+    """mAP@ALL, mAP@topk, tie-aware mAP, precision/recall@N and the PR curve by radius.
+
+    For each chunk of queries: distances to the whole database (uint16), one stable radix sort
+    (distance, then index) that reorders the relevance, AP sums over the relevant ranks only;
+    histograms by distance feed the PR curve and the tie-aware AP.
+    """
+    q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
+    db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
+    n_q, n_db = len(q_packed), len(db_packed)
+    k = min(topk, n_db)
+    qw, dw = label_words(q_labels), label_words(db_labels)
+    ns = sorted(set(int(n) for n in precision_at))
+    parts = ChunkParts.empty(n_q, len(ns), bits)
+    rows = _rows_per_chunk(n_db, chunk)
+    for s in range(0, n_q, rows):
+        e = min(n_q, s + rows)
+        dist = hamming_distances_packed(q_packed[s:e], db_packed)
+        parts.put(s, e, *_numpy_chunk(dist, _relevance(qw[s:e], dw), bits, k, ns))
+    return report_from_parts(parts, bits, k, ns, n_db)
 
 
 def _report(query_codes, db_codes, query_labels, db_labels, topk=1000, precision_at=(1000,)):
