@@ -388,10 +388,17 @@ def headline_metrics(rep: RetrievalReport) -> dict[str, float]:
     return dict(zip(headline_keys(rep.topk), (rep.map_all, rep.map_topk, rep.map_tie_aware)))
 
 
-def split_report(ev, data, codes: np.ndarray, bits: int, precision_at: tuple[int, ...] | None = None):
+def split_report(
+    ev, data, codes: np.ndarray, bits: int, precision_at: tuple[int, ...] | None = None, device=None
+) -> RetrievalReport:
     """The retrieval report of a prepared dataset's query rows against its database rows, given the
-    packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData)."""
-    return retrieval_report(
+    packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData).
+
+    device: None computes on CUDA when present (dseh.evaluation_torch) and with numpy otherwise;
+    'numpy' forces numpy; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
+    from dseh import evaluation_torch
+
+    args = (
         codes[data.query],
         codes[data.database],
         data.labels[data.query],
@@ -401,6 +408,11 @@ def split_report(ev, data, codes: np.ndarray, bits: int, precision_at: tuple[int
         precision_at or ev.precision_at,
         ev.query_chunk,
     )
+    target = evaluation_torch.resolve_device(device)
+    if target is None:
+        return retrieval_report(*args)
+    log.info("evaluating on %s", target)
+    return evaluation_torch.retrieval_report(*args, device=target)
 
 
 def split_collapse(ev, data, codes: np.ndarray, bits: int) -> dict:
