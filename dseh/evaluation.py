@@ -215,41 +215,59 @@ def tie_aware_ap_from_histograms(n_d: np.ndarray, r_d: np.ndarray) -> np.ndarray
     return np.divide(contrib.sum(axis=1), total, out=np.zeros(len(n_d)), where=total > 0)
 
 
-def _ranked_relevance(dist: np.ndarray, rel: np.ndarray, bits: int) -> np.ndarray:
-    """rel (m, n) reordered by rank: ascending distance, ties by database index (a stable radix sort,
-    on uint8 keys when the distances fit)."""
+def _small_uint(limit: int):
+    """The narrowest unsigned dtype holding 0..limit-1 (uint8, uint16, or int64)."""
+    return np.uint8 if limit <= 1 << 8 else np.uint16 if limit <= 1 << 16 else np.int64
+
+
+def _ranked(dist: np.ndarray, rel: np.ndarray, bits: int) -> np.ndarray:
+    """(2 * distance + relevant) of each (query, item), reordered by rank: ascending distance, ties by
+    database index (a stable radix sort of narrow distance keys, then one gather)."""
     m, n = dist.shape
-    order = np.argsort(dist.astype(np.uint8) if bits < 256 else dist, axis=1, kind="stable")
+    d = dist.astype(_small_uint(bits + 1))
+    order = np.argsort(d, axis=1, kind="stable")
     order += (np.arange(m, dtype=np.int64) * n)[:, None]
-    return np.take(rel.ravel(), order)
+    both = d.astype(_small_uint(2 * bits + 2))
+    both <<= 1
+    both |= rel
+    return np.take(both.ravel(), order)
 
 
-def _ap_sums(rel_ranked: np.ndarray, cut: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sum_k P(k) rel(k) over all ranks, the same over the first `cut` ranks), each summed over the
-    full rank-ordered row with zeros off the relevant ranks: the exact float sums of ap_from_relevance."""
-    m, n = rel_ranked.shape
-    nz = np.flatnonzero(rel_ranked)
-    per_row = np.count_nonzero(rel_ranked, axis=1)
+def _histograms(ranked: np.ndarray, nz: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(items, relevant items) by distance 0..bits per query row, from the rank-ordered
+    (2 * distance + relevant) rows and the flat positions nz of the relevant ranks: row * (bits + 1) +
+    distance is nondecreasing along the flattened rows, so the bin edges are one searchsorted."""
+    m, n = ranked.shape
+    bins = m * (bits + 1)
+    dtype = _small_uint(bins)
+    key = (ranked >> 1).astype(dtype)
+    key += (np.arange(m, dtype=dtype) * (bits + 1))[:, None]
+    edges = np.append(np.searchsorted(key.ravel(), np.arange(bins, dtype=dtype)), m * n)
+    rel_edges = np.searchsorted(nz, edges)
+    return np.diff(edges).reshape(m, bits + 1), np.diff(rel_edges).reshape(m, bits + 1)
+
+
+def _hits_within(nz: np.ndarray, m: int, n: int, cuts: list[int]) -> np.ndarray:
+    """(m, len(cuts)) relevant items within the first c ranks of each row, for c in cuts."""
+    row0 = np.arange(m, dtype=np.int64)[:, None] * n
+    return np.searchsorted(nz, row0 + np.asarray(cuts, dtype=np.int64)[None, :]) - np.searchsorted(nz, row0)
+
+
+def _ap_sums(nz: np.ndarray, per_row: np.ndarray, n: int, cut: int, scratch: np.ndarray):
+    """(sum_k P(k) rel(k) over all ranks, the same over the first `cut` ranks) per row, from the flat
+    positions nz of the relevant ranks. Each sum runs over the full rank-ordered row with zeros off
+    the relevant ranks, as ap_from_relevance's does, so the floats are the same to the bit; `scratch`
+    (all zeros, at least m * n) is left all zeros."""
+    m = len(per_row)
     starts = np.cumsum(per_row) - per_row
-    rows = np.repeat(np.arange(m, dtype=np.int64), per_row)
     hits = np.arange(1, len(nz) + 1, dtype=np.int64) - np.repeat(starts, per_row)
-    ranks = (nz - rows * n + 1).astype(np.float64)
-    full = np.zeros(m * n)
+    ranks = (nz - np.repeat(np.arange(m, dtype=np.int64) * n, per_row) + 1).astype(np.float64)
+    full = scratch[: m * n]
     full[nz] = hits / ranks
-    full = full.reshape(m, n)
-    return full.sum(axis=1), np.ascontiguousarray(full[:, :cut]).sum(axis=1)
-
-
-def _histograms(dist: np.ndarray, rel: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(items, relevant items) by distance 0..bits per query row, from one bincount."""
-    m = len(dist)
-    width = 2 * (bits + 1)
-    dtype = np.uint16 if m * width < 1 << 16 else np.int64
-    key = dist.astype(dtype) * 2
-    key += rel
-    key += (np.arange(m, dtype=dtype) * width)[:, None]
-    counts = np.bincount(key.ravel(), minlength=m * width).reshape(m, bits + 1, 2)
-    return counts.sum(axis=2), counts[:, :, 1]
+    rows = full.reshape(m, n)
+    sums = rows.sum(axis=1), np.ascontiguousarray(rows[:, :cut]).sum(axis=1)
+    full[nz] = 0.0
+    return sums
 
 
 @dataclass
@@ -272,18 +290,19 @@ class ChunkParts:
         self.hist_all[s:e], self.hist_rel[s:e] = hist_all, hist_rel
 
 
-def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[int]):
+def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[int], scratch: np.ndarray):
     """(ap_all, ap_topk, hits_at, hist_all, hist_rel) of one chunk of distances and relevance."""
-    n_db = dist.shape[1]
-    rel_ranked = _ranked_relevance(dist, rel, bits)
-    total = np.count_nonzero(rel_ranked, axis=1)
-    sum_all, sum_k = _ap_sums(rel_ranked, k)
-    hits = np.cumsum(rel_ranked[:, : max(k, max(ns))], axis=1)
-    total_k = hits[:, k - 1]
-    ap_all = np.divide(sum_all, total, out=np.zeros(len(dist)), where=total > 0)
-    ap_k = np.divide(sum_k, total_k, out=np.zeros(len(dist)), where=total_k > 0)
-    hits_at = hits[:, [min(n, n_db) - 1 for n in ns]]
-    return ap_all, ap_k, hits_at, *_histograms(dist, rel, bits)
+    m, n_db = dist.shape
+    ranked = _ranked(dist, rel, bits)
+    nz = np.flatnonzero((ranked & 1).view(bool))
+    hist_all, hist_rel = _histograms(ranked, nz, bits)
+    del ranked
+    total = hist_rel.sum(axis=1)
+    sum_all, sum_k = _ap_sums(nz, total, n_db, k, scratch)
+    hits = _hits_within(nz, m, n_db, [k] + [min(n, n_db) for n in ns])
+    ap_all = np.divide(sum_all, total, out=np.zeros(m), where=total > 0)
+    ap_k = np.divide(sum_k, hits[:, 0], out=np.zeros(m), where=hits[:, 0] > 0)
+    return ap_all, ap_k, hits[:, 1:], hist_all, hist_rel
 
 
 def report_from_parts(parts: ChunkParts, bits: int, k: int, ns: list[int], n_db: int) -> RetrievalReport:
@@ -328,9 +347,10 @@ def retrieval_report(
 ) -> RetrievalReport:
     """mAP@ALL, mAP@topk, tie-aware mAP, precision/recall@N and the PR curve by radius.
 
-    For each chunk of queries: distances to the whole database (uint16), one stable radix sort
-    (distance, then index) that reorders the relevance, AP sums over the relevant ranks only;
-    histograms by distance feed the PR curve and the tie-aware AP.
+    For each chunk of queries: distances to the whole database, one stable radix sort (distance,
+    then index) that reorders (distance, relevance); the AP sums, the hits within N and the
+    histograms by distance (for the PR curve and the tie-aware AP) come from the positions of the
+    relevant ranks.
     """
     q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
     db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
@@ -340,10 +360,11 @@ def retrieval_report(
     ns = sorted(set(int(n) for n in precision_at))
     parts = ChunkParts.empty(n_q, len(ns), bits)
     rows = _rows_per_chunk(n_db, chunk)
+    scratch = np.zeros(min(rows, n_q) * n_db)
     for s in range(0, n_q, rows):
         e = min(n_q, s + rows)
         dist = hamming_distances_packed(q_packed[s:e], db_packed)
-        parts.put(s, e, *_numpy_chunk(dist, _relevance(qw[s:e], dw), bits, k, ns))
+        parts.put(s, e, *_numpy_chunk(dist, _relevance(qw[s:e], dw), bits, k, ns, scratch))
     return report_from_parts(parts, bits, k, ns, n_db)
 
 

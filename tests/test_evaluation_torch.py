@@ -62,7 +62,7 @@ def test_torch_chunk_parts_counts_are_exact():
     rel = evt.relevance(*(torch.from_numpy(ev.label_words(x).view(np.int64)) for x in (ql, dbl)))
     assert np.array_equal(dist.numpy(), dist_np) and np.array_equal(rel.numpy(), rel_np)
     got = evt.chunk_parts(dist, rel, 11, k, ns)
-    want = ev._numpy_chunk(dist_np, rel_np, 11, k, ns)
+    want = ev._numpy_chunk(dist_np, rel_np, 11, k, ns, np.zeros(dist_np.size))
     for g, w in zip(got[2:], want[2:]):  # hits within N and the two histograms
         assert np.array_equal(g, w)
     for g, w in zip(got[:2], want[:2]):
