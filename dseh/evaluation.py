@@ -16,11 +16,17 @@ forms take the packed uint8 rows of dseh.codes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from dseh.codes import pack, to_words
+from dseh.retrieval_metrics import (  # noqa: F401 - re-exported: dseh.evaluation's API
+    ChunkParts,
+    RetrievalReport,
+    label_words,
+    report_from_parts,
+    tie_aware_ap_from_histograms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +42,6 @@ _REPORT_ELEMENTS = 1 << 19  # the same for retrieval_report: its arrays of a chu
 def _rows_per_chunk(n_db: int, requested: int | None = None, elements: int = _CHUNK_ELEMENTS) -> int:
     rows = max(1, elements // max(1, n_db))
     return min(rows, requested) if requested else rows
-
-
-def label_words(labels: np.ndarray) -> np.ndarray:
-    """(N, c) {0,1} labels -> (N, ceil(c/64)) uint64 bit sets, for fast 'shares a label' tests."""
-    bits = np.packbits(np.asarray(labels, dtype=bool), axis=1)
-    return to_words(bits)
 
 
 def _relevance(q_words: np.ndarray, db_words: np.ndarray) -> np.ndarray:
@@ -156,66 +156,6 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: int
 # --------------------------------------------------------------------------- one-pass report
 
 
-@dataclass
-class RetrievalReport:
-    """Everything docs/evaluation.md defines, from one pass over the database per query chunk."""
-
-    bits: int
-    topk: int
-    ap_all: np.ndarray  # per-query AP@ALL
-    ap_topk: np.ndarray  # per-query AP@topk
-    ap_tie_aware: np.ndarray  # per-query tie-aware AP@ALL
-    precision_at: dict[int, float]
-    recall_at: dict[int, float]
-    pr_precision: np.ndarray  # by radius 0..bits
-    pr_recall: np.ndarray
-    queries_without_relevant: int
-
-    @property
-    def map_all(self) -> float:
-        return float(self.ap_all.mean())
-
-    @property
-    def map_topk(self) -> float:
-        return float(self.ap_topk.mean())
-
-    @property
-    def map_tie_aware(self) -> float:
-        return float(self.ap_tie_aware.mean())
-
-    def precision_within(self, radius: int) -> float:
-        return float(self.pr_precision[min(radius, self.bits)])
-
-
-def _harmonic(m: np.ndarray) -> np.ndarray:
-    from scipy.special import digamma
-
-    return digamma(np.asarray(m, dtype=np.float64) + 1.0) + np.euler_gamma
-
-
-def tie_aware_ap_from_histograms(n_d: np.ndarray, r_d: np.ndarray) -> np.ndarray:
-    """Tie-aware AP (He et al. 2018) per query from counts by distance.
-
-    n_d[q, d]: database items at distance d; r_d[q, d]: relevant ones. With N_{d-1}, R_{d-1}
-    the items and relevant items closer than d, and H the harmonic numbers:
-      AP_T = 1/R sum_d (r_d / n_d) sum_{j=N_{d-1}+1}^{N_d} [R_{d-1} + 1 + (j - N_{d-1} - 1)(r_d - 1)/(n_d - 1)] / j
-    where the inner sums are H(N_d) - H(N_{d-1}) and n_d - (N_{d-1} + 1)(H(N_d) - H(N_{d-1})).
-    """
-    n_d = np.asarray(n_d, dtype=np.float64)
-    r_d = np.asarray(r_d, dtype=np.float64)
-    n_cum = np.cumsum(n_d, axis=1)
-    r_cum = np.cumsum(r_d, axis=1)
-    n_before = n_cum - n_d
-    r_before = r_cum - r_d
-    s1 = _harmonic(n_cum) - _harmonic(n_before)
-    s2 = n_d - (n_before + 1.0) * s1
-    slope = np.divide(r_d - 1.0, n_d - 1.0, out=np.zeros_like(n_d), where=n_d > 1)
-    frac = np.divide(r_d, n_d, out=np.zeros_like(n_d), where=n_d > 0)
-    contrib = frac * ((r_before + 1.0) * s1 + slope * s2)
-    total = r_cum[:, -1]
-    return np.divide(contrib.sum(axis=1), total, out=np.zeros(len(n_d)), where=total > 0)
-
-
 def _small_uint(limit: int):
     """The narrowest unsigned dtype holding 0..limit-1 (uint8, uint16, or int64)."""
     return np.uint8 if limit <= 1 << 8 else np.uint16 if limit <= 1 << 16 else np.int64
@@ -271,26 +211,6 @@ def _ap_sums(nz: np.ndarray, per_row: np.ndarray, n: int, cut: int, scratch: np.
     return sums
 
 
-@dataclass
-class ChunkParts:
-    """What one query chunk contributes to a report; retrieval_report and dseh.evaluation_torch fill it."""
-
-    ap_all: np.ndarray
-    ap_topk: np.ndarray
-    hits_at: np.ndarray  # (n_q, len(ns)) relevant items within the first min(n, n_db) ranks
-    hist_all: np.ndarray  # (n_q, bits + 1) items by distance
-    hist_rel: np.ndarray  # relevant items by distance
-
-    @classmethod
-    def empty(cls, n_q: int, n_ns: int, bits: int) -> ChunkParts:
-        z = np.zeros
-        return cls(z(n_q), z(n_q), z((n_q, n_ns)), z((n_q, bits + 1)), z((n_q, bits + 1)))
-
-    def put(self, s: int, e: int, ap_all, ap_topk, hits_at, hist_all, hist_rel) -> None:
-        self.ap_all[s:e], self.ap_topk[s:e], self.hits_at[s:e] = ap_all, ap_topk, hits_at
-        self.hist_all[s:e], self.hist_rel[s:e] = hist_all, hist_rel
-
-
 def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[int], scratch: np.ndarray):
     """(ap_all, ap_topk, hits_at, hist_all, hist_rel) of one chunk of distances and relevance."""
     m, n_db = dist.shape
@@ -304,36 +224,6 @@ def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[
     ap_all = np.divide(sum_all, total, out=np.zeros(m), where=total > 0)
     ap_k = np.divide(sum_k, hits[:, 0], out=np.zeros(m), where=hits[:, 0] > 0)
     return ap_all, ap_k, hits[:, 1:], hist_all, hist_rel
-
-
-def report_from_parts(parts: ChunkParts, bits: int, k: int, ns: list[int], n_db: int) -> RetrievalReport:
-    """The RetrievalReport of per-query parts: tie-aware AP, the PR curve and precision/recall@N."""
-    n_q = len(parts.ap_all)
-    hits_at, hist_all, hist_rel = parts.hits_at, parts.hist_all, parts.hist_rel
-    cum_all = np.cumsum(hist_all, axis=1)
-    cum_rel = np.cumsum(hist_rel, axis=1)
-    n_rel_total = cum_rel[:, -1]
-    pr_p = np.divide(cum_rel, cum_all, out=np.zeros_like(cum_all), where=cum_all > 0).mean(axis=0)
-    pr_r = np.divide(cum_rel, n_rel_total[:, None], out=np.zeros_like(cum_rel), where=n_rel_total[:, None] > 0).mean(
-        axis=0
-    )
-    precision = {n: float((hits_at[:, j] / min(n, n_db)).mean()) for j, n in enumerate(ns)}
-    recall = {
-        n: float(np.divide(hits_at[:, j], n_rel_total, out=np.zeros(n_q), where=n_rel_total > 0).mean())
-        for j, n in enumerate(ns)
-    }
-    return RetrievalReport(
-        bits=bits,
-        topk=k,
-        ap_all=parts.ap_all,
-        ap_topk=parts.ap_topk,
-        ap_tie_aware=tie_aware_ap_from_histograms(hist_all, hist_rel),
-        precision_at=precision,
-        recall_at=recall,
-        pr_precision=pr_p,
-        pr_recall=pr_r,
-        queries_without_relevant=int((n_rel_total == 0).sum()),
-    )
 
 
 def retrieval_report(

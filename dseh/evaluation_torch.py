@@ -5,7 +5,7 @@ distance by XOR + popcount of packed uint8 codes, ranking by ascending distance 
 database index (a stable sort), relevance as 'shares a label' on 64-bit label words. Per query chunk
 the device computes the distances, the ranking, the relevance in rank order, AP@ALL, AP@topk, the hits
 within each N and the histograms by distance; the (queries x (bits + 1)) tail (tie-aware AP, the PR
-curve, precision and recall@N) is `dseh.evaluation.report_from_parts`, shared with the numpy path.
+curve, precision and recall@N) is `dseh.retrieval_metrics.report_from_parts`, shared with the numpy path.
 Counts and ranks are exact; the AP sums differ from numpy's only in float summation order.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dseh import evaluation as ev
+from dseh import retrieval_metrics as rm
 
 _ELEMENTS = 1 << 26  # query rows x database rows per chunk (about 45 bytes each on the device)
 
@@ -96,7 +96,7 @@ def retrieval_report(
     chunk: int | None = None,
     device="cpu",
     elements: int = _ELEMENTS,
-) -> ev.RetrievalReport:
+) -> rm.RetrievalReport:
     """dseh.evaluation.retrieval_report on a torch device; same arguments, plus `device` and the
     chunk budget `elements` (query rows x database rows); `chunk` caps the rows of a chunk."""
     device = torch.device(device)
@@ -105,9 +105,9 @@ def retrieval_report(
     ns = sorted(set(int(n) for n in precision_at))
     db_bytes = torch.from_numpy(np.ascontiguousarray(np.asarray(db_packed, dtype=np.uint8).T)).to(device)
     q_t = torch.from_numpy(np.ascontiguousarray(q_packed, dtype=np.uint8)).to(device)
-    qw = torch.from_numpy(ev.label_words(q_labels).view(np.int64)).to(device)
-    dw = torch.from_numpy(ev.label_words(db_labels).view(np.int64)).to(device)
-    parts = ev.ChunkParts.empty(n_q, len(ns), bits)
+    qw = torch.from_numpy(rm.label_words(q_labels).view(np.int64)).to(device)
+    dw = torch.from_numpy(rm.label_words(db_labels).view(np.int64)).to(device)
+    parts = rm.ChunkParts.empty(n_q, len(ns), bits)
     rows = max(1, elements // max(1, n_db))
     rows = min(rows, chunk) if chunk else rows
     with torch.no_grad():
@@ -115,4 +115,4 @@ def retrieval_report(
             e = min(n_q, s + rows)
             dist = hamming_distances(q_t[s:e], db_bytes)
             parts.put(s, e, *chunk_parts(dist, relevance(qw[s:e], dw), bits, k, ns))
-    return ev.report_from_parts(parts, bits, k, ns, n_db)
+    return rm.report_from_parts(parts, bits, k, ns, n_db)
