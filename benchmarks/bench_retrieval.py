@@ -8,7 +8,7 @@
 then the whole report at the NUS-WIDE scale (2,100 queries x 193,734 database) against faiss top-1000
 search on the same codes.
 
-Usage: .venv/bin/python benchmarks/bench_retrieval.py [--quick] [--nus-only] [--repeat N]
+Usage: .venv/bin/python benchmarks/bench_retrieval.py [--quick] [--nus-only] [--repeat N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def clocked(fn):
     return out, wall, time.process_time() - c0, peak
 
 
-def nus_scale(rng, quick: bool, repeat: int) -> None:
+def nus_scale(rng, quick: bool, repeat: int, device: str | None = None) -> None:
     """The whole report (mAP@ALL, mAP@5000, tie-aware, P/R@N, PR curve) against faiss top-1000 search
     (1 thread) on the same codes, alternated `repeat` times; the best wall and CPU seconds of each (on
     a shared machine the CPU ratio is the steadier)."""
@@ -117,6 +117,20 @@ def nus_scale(rng, quick: bool, repeat: int) -> None:
         f"  faiss top-1000:       {fw:7.2f} s wall {fc:7.2f} s CPU\n"
         f"  report / search:      {rw / fw:7.2f}x wall {rc / fc:6.2f}x CPU"
     )
+    if device:
+        from dseh import evaluation_torch as evt
+
+        walls = []
+        for _ in range(repeat + 1):  # the first run starts the device
+            rep_t, wall, _, _ = clocked(lambda: evt.retrieval_report(qp2, dbp2, ql2, dbl2, 64, 5000, device=device))
+            walls.append(wall)
+        diff = max(
+            float(np.max(np.abs(getattr(rep_t, f) - getattr(rep2, f)))) for f in ("ap_all", "ap_topk", "ap_tie_aware")
+        )
+        print(
+            f"  report on {device}:{min(walls[1:]):9.2f} s wall (first {walls[0]:.2f} s); "
+            f"{min(walls[1:]) / fw:.2f}x faiss; max |AP torch - AP numpy| {diff:.1e}"
+        )
 
 
 def main() -> None:
@@ -124,13 +138,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--nus-only", action="store_true", help="only the NUS-WIDE-scale report against faiss search")
     ap.add_argument("--repeat", type=int, default=1, help="NUS-WIDE scale: best of this many alternated runs")
+    ap.add_argument("--device", help="NUS-WIDE scale: also the report by dseh.evaluation_torch on this torch device")
     args = ap.parse_args()
     if ev.faiss is not None:
         ev.faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
     if not args.nus_only:
         compare(rng, args.quick)
-    nus_scale(rng, args.quick, args.repeat)
+    nus_scale(rng, args.quick, args.repeat, args.device)
     print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

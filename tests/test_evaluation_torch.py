@@ -92,3 +92,11 @@ def test_split_report_device_choice(monkeypatch):
     assert evt.resolve_device(None) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert evt.resolve_device(None) == torch.device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_report_equals_numpy():
+    qp, dbp, ql, dbl = case(9, 40, 5000, 64, classes=21, p=0.12, distinct=300)
+    a = ev.retrieval_report(qp, dbp, ql, dbl, 64, 1000)
+    b = evt.retrieval_report(qp, dbp, ql, dbl, 64, 1000, device="cuda", elements=1 << 16)
+    assert_reports_equal(a, b)
