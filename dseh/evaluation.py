@@ -215,7 +215,8 @@ def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[
     """(ap_all, ap_topk, hits_at, hist_all, hist_rel) of one chunk of distances and relevance."""
     m, n_db = dist.shape
     ranked = _ranked(dist, rel, bits)
-    nz = np.flatnonzero((ranked & 1).view(bool))
+    low = ranked & 1
+    nz = np.flatnonzero(low.view(bool) if low.dtype == np.uint8 else low)
     hist_all, hist_rel = _histograms(ranked, nz, bits)
     del ranked
     total = hist_rel.sum(axis=1)

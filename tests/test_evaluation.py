@@ -162,7 +162,10 @@ def argsort_report_parts(qp, dbp, ql, dbl, bits, k, ns):
     )
 
 
-@pytest.mark.parametrize(("bits", "ndb", "topk", "chunk"), [(8, 300, 50, None), (13, 200, 500, 4), (64, 3000, 1000, 7)])
+@pytest.mark.parametrize(
+    ("bits", "ndb", "topk", "chunk"),
+    [(8, 300, 50, None), (13, 200, 500, 4), (64, 3000, 1000, 7), (100, 80, 7, 2), (200, 90, 30, None)],
+)
 def test_report_is_bit_identical_to_the_argsort_reference(bits, ndb, topk, chunk):
     q, db, ql, dbl = random_case(np.random.default_rng(bits), nq=30, ndb=ndb, bits=bits)
     ql[0] = 0  # a query without relevant items
