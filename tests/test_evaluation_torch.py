@@ -41,6 +41,7 @@ def assert_reports_equal(a: ev.RetrievalReport, b: ev.RetrievalReport) -> None:
         (13, 17, 250, 1000, 12, 4),  # bits not a multiple of 8; K larger than the database; 12 codes
         (64, 9, 2000, 100, 40, 2),
         (100, 6, 120, 7, None, None),  # two 64-bit label and code words
+        (200, 5, 90, 30, None, 2),  # wider keys on the numpy side
     ],
 )
 def test_torch_report_equals_numpy(bits, nq, ndb, topk, distinct, chunk):
