@@ -16,11 +16,17 @@ forms take the packed uint8 rows of dseh.codes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from dseh.codes import pack, to_words
+from dseh.retrieval_metrics import (  # noqa: F401 - re-exported: dseh.evaluation's API
+    ChunkParts,
+    RetrievalReport,
+    label_words,
+    report_from_parts,
+    tie_aware_ap_from_histograms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +36,12 @@ except ImportError:  # pragma: no cover - exercised where faiss is absent
     faiss = None
 
 _CHUNK_ELEMENTS = 1 << 22  # query rows x database rows handled at once
+_REPORT_ELEMENTS = 1 << 19  # the same for retrieval_report: its arrays of a chunk stay in the CPU's caches
 
 
-def _rows_per_chunk(n_db: int, requested: int | None = None) -> int:
-    rows = max(1, _CHUNK_ELEMENTS // max(1, n_db))
+def _rows_per_chunk(n_db: int, requested: int | None = None, elements: int = _CHUNK_ELEMENTS) -> int:
+    rows = max(1, elements // max(1, n_db))
     return min(rows, requested) if requested else rows
-
-
-def label_words(labels: np.ndarray) -> np.ndarray:
-    """(N, c) {0,1} labels -> (N, ceil(c/64)) uint64 bit sets, for fast 'shares a label' tests."""
-    bits = np.packbits(np.asarray(labels, dtype=bool), axis=1)
-    return to_words(bits)
 
 
 def _relevance(q_words: np.ndarray, db_words: np.ndarray) -> np.ndarray:
@@ -155,64 +156,75 @@ def average_precisions(query_codes, db_codes, query_labels, db_labels, topk: int
 # --------------------------------------------------------------------------- one-pass report
 
 
-@dataclass
-class RetrievalReport:
-    """Everything docs/evaluation.md defines, from one pass over the database per query chunk."""
-
-    bits: int
-    topk: int
-    ap_all: np.ndarray  # per-query AP@ALL
-    ap_topk: np.ndarray  # per-query AP@topk
-    ap_tie_aware: np.ndarray  # per-query tie-aware AP@ALL
-    precision_at: dict[int, float]
-    recall_at: dict[int, float]
-    pr_precision: np.ndarray  # by radius 0..bits
-    pr_recall: np.ndarray
-    queries_without_relevant: int
-
-    @property
-    def map_all(self) -> float:
-        return float(self.ap_all.mean())
-
-    @property
-    def map_topk(self) -> float:
-        return float(self.ap_topk.mean())
-
-    @property
-    def map_tie_aware(self) -> float:
-        return float(self.ap_tie_aware.mean())
-
-    def precision_within(self, radius: int) -> float:
-        return float(self.pr_precision[min(radius, self.bits)])
+def _small_uint(limit: int):
+    """The narrowest unsigned dtype holding 0..limit-1 (uint8, uint16, or int64)."""
+    return np.uint8 if limit <= 1 << 8 else np.uint16 if limit <= 1 << 16 else np.int64
 
 
-def _harmonic(m: np.ndarray) -> np.ndarray:
-    from scipy.special import digamma
+def _ranked(dist: np.ndarray, rel: np.ndarray, bits: int) -> np.ndarray:
+    """(2 * distance + relevant) of each (query, item), reordered by rank: ascending distance, ties by
+    database index (a stable radix sort of narrow distance keys, then one gather)."""
+    m, n = dist.shape
+    d = dist.astype(_small_uint(bits + 1))
+    order = np.argsort(d, axis=1, kind="stable")
+    order += (np.arange(m, dtype=np.int64) * n)[:, None]
+    both = d.astype(_small_uint(2 * bits + 2))
+    both <<= 1
+    both |= rel
+    return np.take(both.ravel(), order)
 
-    return digamma(np.asarray(m, dtype=np.float64) + 1.0) + np.euler_gamma
+
+def _histograms(ranked: np.ndarray, nz: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(items, relevant items) by distance 0..bits per query row, from the rank-ordered
+    (2 * distance + relevant) rows and the flat positions nz of the relevant ranks: row * (bits + 1) +
+    distance is nondecreasing along the flattened rows, so the bin edges are one searchsorted."""
+    m, n = ranked.shape
+    bins = m * (bits + 1)
+    dtype = _small_uint(bins)
+    key = (ranked >> 1).astype(dtype)
+    key += (np.arange(m, dtype=dtype) * (bits + 1))[:, None]
+    edges = np.append(np.searchsorted(key.ravel(), np.arange(bins, dtype=dtype)), m * n)
+    rel_edges = np.searchsorted(nz, edges)
+    return np.diff(edges).reshape(m, bits + 1), np.diff(rel_edges).reshape(m, bits + 1)
 
 
-def tie_aware_ap_from_histograms(n_d: np.ndarray, r_d: np.ndarray) -> np.ndarray:
-    """Tie-aware AP (He et al. 2018) per query from counts by distance.
+def _hits_within(nz: np.ndarray, m: int, n: int, cuts: list[int]) -> np.ndarray:
+    """(m, len(cuts)) relevant items within the first c ranks of each row, for c in cuts."""
+    row0 = np.arange(m, dtype=np.int64)[:, None] * n
+    return np.searchsorted(nz, row0 + np.asarray(cuts, dtype=np.int64)[None, :]) - np.searchsorted(nz, row0)
 
-    n_d[q, d]: database items at distance d; r_d[q, d]: relevant ones. With N_{d-1}, R_{d-1}
-    the items and relevant items closer than d, and H the harmonic numbers:
-      AP_T = 1/R sum_d (r_d / n_d) sum_{j=N_{d-1}+1}^{N_d} [R_{d-1} + 1 + (j - N_{d-1} - 1)(r_d - 1)/(n_d - 1)] / j
-    where the inner sums are H(N_d) - H(N_{d-1}) and n_d - (N_{d-1} + 1)(H(N_d) - H(N_{d-1})).
-    """
-    n_d = np.asarray(n_d, dtype=np.float64)
-    r_d = np.asarray(r_d, dtype=np.float64)
-    n_cum = np.cumsum(n_d, axis=1)
-    r_cum = np.cumsum(r_d, axis=1)
-    n_before = n_cum - n_d
-    r_before = r_cum - r_d
-    s1 = _harmonic(n_cum) - _harmonic(n_before)
-    s2 = n_d - (n_before + 1.0) * s1
-    slope = np.divide(r_d - 1.0, n_d - 1.0, out=np.zeros_like(n_d), where=n_d > 1)
-    frac = np.divide(r_d, n_d, out=np.zeros_like(n_d), where=n_d > 0)
-    contrib = frac * ((r_before + 1.0) * s1 + slope * s2)
-    total = r_cum[:, -1]
-    return np.divide(contrib.sum(axis=1), total, out=np.zeros(len(n_d)), where=total > 0)
+
+def _ap_sums(nz: np.ndarray, per_row: np.ndarray, n: int, cut: int, scratch: np.ndarray):
+    """(sum_k P(k) rel(k) over all ranks, the same over the first `cut` ranks) per row, from the flat
+    positions nz of the relevant ranks. Each sum runs over the full rank-ordered row with zeros off
+    the relevant ranks, as ap_from_relevance's does, so the floats are the same to the bit; `scratch`
+    (all zeros, at least m * n) is left all zeros."""
+    m = len(per_row)
+    starts = np.cumsum(per_row) - per_row
+    hits = np.arange(1, len(nz) + 1, dtype=np.int64) - np.repeat(starts, per_row)
+    ranks = (nz - np.repeat(np.arange(m, dtype=np.int64) * n, per_row) + 1).astype(np.float64)
+    full = scratch[: m * n]
+    full[nz] = hits / ranks
+    rows = full.reshape(m, n)
+    sums = rows.sum(axis=1), np.ascontiguousarray(rows[:, :cut]).sum(axis=1)
+    full[nz] = 0.0
+    return sums
+
+
+def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[int], scratch: np.ndarray):
+    """(ap_all, ap_topk, hits_at, hist_all, hist_rel) of one chunk of distances and relevance."""
+    m, n_db = dist.shape
+    ranked = _ranked(dist, rel, bits)
+    low = ranked & 1
+    nz = np.flatnonzero(low.view(bool) if low.dtype == np.uint8 else low)
+    hist_all, hist_rel = _histograms(ranked, nz, bits)
+    del ranked
+    total = hist_rel.sum(axis=1)
+    sum_all, sum_k = _ap_sums(nz, total, n_db, k, scratch)
+    hits = _hits_within(nz, m, n_db, [k] + [min(n, n_db) for n in ns])
+    ap_all = np.divide(sum_all, total, out=np.zeros(m), where=total > 0)
+    ap_k = np.divide(sum_k, hits[:, 0], out=np.zeros(m), where=hits[:, 0] > 0)
+    return ap_all, ap_k, hits[:, 1:], hist_all, hist_rel
 
 
 def retrieval_report(
@@ -227,62 +239,25 @@ def retrieval_report(
 ) -> RetrievalReport:
     """mAP@ALL, mAP@topk, tie-aware mAP, precision/recall@N and the PR curve by radius.
 
-    For each chunk of queries: distances to the whole database (uint16), one stable counting
-    sort (distance, then index), relevance gathered in rank order; histograms by distance feed
-    the PR curve and the tie-aware AP.
+    For each chunk of queries: distances to the whole database, one stable radix sort (distance,
+    then index) that reorders (distance, relevance); the AP sums, the hits within N and the
+    histograms by distance (for the PR curve and the tie-aware AP) come from the positions of the
+    relevant ranks.
     """
     q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
     db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
     n_q, n_db = len(q_packed), len(db_packed)
     k = min(topk, n_db)
     qw, dw = label_words(q_labels), label_words(db_labels)
-    ap_all, ap_k, ap_t = np.empty(n_q), np.empty(n_q), np.empty(n_q)
     ns = sorted(set(int(n) for n in precision_at))
-    hits_at = np.zeros((n_q, len(ns)))
-    hist_all = np.zeros((n_q, bits + 1))
-    hist_rel = np.zeros((n_q, bits + 1))
-    rows = _rows_per_chunk(n_db, chunk)
+    parts = ChunkParts.empty(n_q, len(ns), bits)
+    rows = _rows_per_chunk(n_db, chunk, _REPORT_ELEMENTS)
+    scratch = np.zeros(min(rows, n_q) * n_db)
     for s in range(0, n_q, rows):
         e = min(n_q, s + rows)
         dist = hamming_distances_packed(q_packed[s:e], db_packed)
-        rel = _relevance(qw[s:e], dw)
-        order = np.argsort(dist, axis=1, kind="stable")
-        rel_ranked = np.take_along_axis(rel, order, axis=1)
-        del order
-        ap_all[s:e] = ap_from_relevance(rel_ranked)
-        ap_k[s:e] = ap_from_relevance(rel_ranked[:, :k])
-        hits = np.cumsum(rel_ranked[:, : max(ns)], axis=1)
-        for j, n in enumerate(ns):
-            hits_at[s:e, j] = hits[:, min(n, n_db) - 1]
-        m = e - s
-        flat = (np.arange(m)[:, None] * (bits + 1) + dist).ravel()
-        hist_all[s:e] = np.bincount(flat, minlength=m * (bits + 1)).reshape(m, bits + 1)
-        hist_rel[s:e] = np.bincount(flat[rel.ravel()], minlength=m * (bits + 1)).reshape(m, bits + 1)
-    ap_t[:] = tie_aware_ap_from_histograms(hist_all, hist_rel)
-    cum_all = np.cumsum(hist_all, axis=1)
-    cum_rel = np.cumsum(hist_rel, axis=1)
-    n_rel_total = cum_rel[:, -1]
-    pr_p = np.divide(cum_rel, cum_all, out=np.zeros_like(cum_all), where=cum_all > 0).mean(axis=0)
-    pr_r = np.divide(cum_rel, n_rel_total[:, None], out=np.zeros_like(cum_rel), where=n_rel_total[:, None] > 0).mean(
-        axis=0
-    )
-    precision = {n: float((hits_at[:, j] / min(n, n_db)).mean()) for j, n in enumerate(ns)}
-    recall = {
-        n: float(np.divide(hits_at[:, j], n_rel_total, out=np.zeros(n_q), where=n_rel_total > 0).mean())
-        for j, n in enumerate(ns)
-    }
-    return RetrievalReport(
-        bits=bits,
-        topk=k,
-        ap_all=ap_all,
-        ap_topk=ap_k,
-        ap_tie_aware=ap_t,
-        precision_at=precision,
-        recall_at=recall,
-        pr_precision=pr_p,
-        pr_recall=pr_r,
-        queries_without_relevant=int((n_rel_total == 0).sum()),
-    )
+        parts.put(s, e, *_numpy_chunk(dist, _relevance(qw[s:e], dw), bits, k, ns, scratch))
+    return report_from_parts(parts, bits, k, ns, n_db)
 
 
 def _report(query_codes, db_codes, query_labels, db_labels, topk=1000, precision_at=(1000,)):
@@ -326,10 +301,17 @@ def headline_metrics(rep: RetrievalReport) -> dict[str, float]:
     return dict(zip(headline_keys(rep.topk), (rep.map_all, rep.map_topk, rep.map_tie_aware)))
 
 
-def split_report(ev, data, codes: np.ndarray, bits: int, precision_at: tuple[int, ...] | None = None):
+def split_report(
+    ev, data, codes: np.ndarray, bits: int, precision_at: tuple[int, ...] | None = None, device=None
+) -> RetrievalReport:
     """The retrieval report of a prepared dataset's query rows against its database rows, given the
-    packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData)."""
-    return retrieval_report(
+    packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData).
+
+    device: None computes on CUDA when present (dseh.evaluation_torch) and with numpy otherwise;
+    'numpy' forces numpy; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
+    from dseh import evaluation_torch
+
+    args = (
         codes[data.query],
         codes[data.database],
         data.labels[data.query],
@@ -339,6 +321,11 @@ def split_report(ev, data, codes: np.ndarray, bits: int, precision_at: tuple[int
         precision_at or ev.precision_at,
         ev.query_chunk,
     )
+    target = evaluation_torch.resolve_device(device)
+    if target is None:
+        return retrieval_report(*args)
+    log.info("evaluating on %s", target)
+    return evaluation_torch.retrieval_report(*args, device=target)
 
 
 def split_collapse(ev, data, codes: np.ndarray, bits: int) -> dict:

@@ -142,3 +142,40 @@ def test_multiword_labels_and_codes():
     q, db, ql, dbl = random_case(rng, nq=6, ndb=50, bits=100, classes=130)
     ref = [brute_ap(q[i], db, ql[i], dbl) for i in range(6)]
     np.testing.assert_allclose(ev.average_precisions(q, db, ql, dbl), ref, atol=1e-9)
+
+
+def argsort_report_parts(qp, dbp, ql, dbl, bits, k, ns):
+    """The report's per-query parts by a full stable argsort and ap_from_relevance over whole rows
+    (the earlier implementation of retrieval_report's loop)."""
+    dist = ev.hamming_distances_packed(qp, dbp)
+    rel = ev._relevance(ev.label_words(ql), ev.label_words(dbl))
+    rel_ranked = np.take_along_axis(rel, np.argsort(dist, axis=1, kind="stable"), axis=1)
+    hits = np.cumsum(rel_ranked[:, : max(ns)], axis=1)
+    flat = (np.arange(len(qp))[:, None] * (bits + 1) + dist).ravel()
+    size = len(qp) * (bits + 1)
+    return (
+        ev.ap_from_relevance(rel_ranked),
+        ev.ap_from_relevance(rel_ranked[:, :k]),
+        hits[:, [min(n, len(dbp)) - 1 for n in ns]],
+        np.bincount(flat, minlength=size).reshape(len(qp), bits + 1),
+        np.bincount(flat[rel.ravel()], minlength=size).reshape(len(qp), bits + 1),
+    )
+
+
+@pytest.mark.parametrize(
+    ("bits", "ndb", "topk", "chunk"),
+    [(8, 300, 50, None), (13, 200, 500, 4), (64, 3000, 1000, 7), (100, 80, 7, 2), (200, 90, 30, None)],
+)
+def test_report_is_bit_identical_to_the_argsort_reference(bits, ndb, topk, chunk):
+    q, db, ql, dbl = random_case(np.random.default_rng(bits), nq=30, ndb=ndb, bits=bits)
+    ql[0] = 0  # a query without relevant items
+    ns = [3, 100, 5000]
+    rep = ev.retrieval_report(pack(q), pack(db), ql, dbl, bits, topk, tuple(ns), chunk)
+    k = min(topk, ndb)
+    parts = ev.ChunkParts.empty(len(q), len(ns), bits)
+    parts.put(0, len(q), *argsort_report_parts(pack(q), pack(db), ql, dbl, bits, k, ns))
+    ref = ev.report_from_parts(parts, bits, k, ns, ndb)
+    for name in ("ap_all", "ap_topk", "ap_tie_aware", "pr_precision", "pr_recall"):
+        assert np.array_equal(getattr(rep, name), getattr(ref, name)), name
+    assert rep.precision_at == ref.precision_at and rep.recall_at == ref.recall_at
+    assert rep.queries_without_relevant == ref.queries_without_relevant >= 1
