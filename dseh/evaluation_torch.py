@@ -85,18 +85,7 @@ def chunk_parts(dist: torch.Tensor, rel: torch.Tensor, bits: int, k: int, ns: li
     return tuple(p.to("cpu", torch.float64).numpy() for p in parts)
 
 
-def retrieval_report(
-    q_packed: np.ndarray,
-    db_packed: np.ndarray,
-    q_labels: np.ndarray,
-    db_labels: np.ndarray,
-    bits: int,
-    topk: int,
-    precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
-    chunk: int | None = None,
-    device="cpu",
-    elements: int = _ELEMENTS,
-) -> rm.RetrievalReport:
+def retrieval_report(q_packed: np.ndarray, db_packed: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray, bits: int, topk: int, precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000), chunk: int | None = None, device="cpu", elements: int = _ELEMENTS) -> rm.RetrievalReport:  # fmt: skip
     """dseh.evaluation.retrieval_report on a torch device; same arguments, plus `device` and the
     chunk budget `elements` (query rows x database rows); `chunk` caps the rows of a chunk."""
     device = torch.device(device)
