@@ -190,7 +190,8 @@ def load_step_model(path: str | Path, kinds: str | tuple[str, ...]) -> StepModel
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
-        raise DsehError(f"{f} is not a dseh model file that can be loaded safely: {exc}") from exc
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DsehError(f"{f} is not a dseh model file that can be loaded safely ({why})") from None
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     if not isinstance(state, dict) or state.get("kind") not in kinds:
         held = state.get("kind") if isinstance(state, dict) else type(state).__name__

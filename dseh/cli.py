@@ -29,16 +29,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {n}")
+        return n
+
+    return parse
 
 
+_positive, _non_negative = _at_least(1), _at_least(0)
 CHECKPOINT_HELP = "resume checkpoint file (default: beside the output, .OUT.ckpt.pt)"
 
 
@@ -49,7 +55,7 @@ def _steps(sub) -> None:
 
     p = sub.add_parser("train-labnet", help="LabNet phase of one round")
     _common(p)
-    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--round", type=_non_negative, default=0)
     p.add_argument("--data")
     p.add_argument("--out")
     p.add_argument("--prev-labnet", help="LabNet output of the previous round (default from the layout)")
@@ -58,7 +64,7 @@ def _steps(sub) -> None:
 
     p = sub.add_parser("train-imgnet", help="image-network phase of one round (any method)")
     _common(p)
-    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--round", type=_non_negative, default=0)
     p.add_argument("--data")
     p.add_argument("--labnet", help="LabNet output of this round (default from the layout)")
     p.add_argument("--prev-imgnet", help="ImgNet output of the previous round (default from the layout)")
@@ -135,7 +141,7 @@ def _retrieval(sub) -> None:
     p.add_argument("--nprobe", type=int, default=0, help="ivf cells visited per query (default nlist / 64)")
     p.add_argument("--nflip", type=int, default=0, help="mih bits flipped per substring (default 1)")
     p.add_argument("-k", type=_positive, default=100, help="recall@k is measured with the query split's codes")
-    p.add_argument("--out", help="index file (default: MODEL/index-KIND.faiss)")
+    p.add_argument("--out", help="index file (default: beside MODEL, MODEL-index-KIND.faiss; not inside it)")
 
 
 def _cluster(sub) -> None:
@@ -339,7 +345,8 @@ def _index(args) -> None:
 
     data = PreparedData(args.data)
     codes = item_codes(Path(args.codes or Path(args.model) / CODES), data, args.data)
-    out = Path(args.out or Path(args.model) / f"index-{args.kind}.faiss")
+    model_dir = Path(args.model)  # not inside the step output: DVC would see it changed
+    out = Path(args.out or model_dir.parent / f"{model_dir.name}-index-{args.kind}.faiss")
     db, q = codes[np.asarray(data.database)], np.asarray(codes[np.asarray(data.query)])
     model = Path(args.model) / MODEL
     bits = load_step_model(args.model, ("imgnet", "linear-hash")).bits if model.is_file() else None

@@ -321,11 +321,12 @@ _AT_LEAST: dict[str, float] = {
     "labnet.epochs": 0, "imgnet.epochs": 0, "imgnet.encode_batch_size": 1, "data.image_size": 8,
     "data.chunk_size": 1, "data.max_pixels": 1, "data.workers": 1, "data.s3_retries": 0, "evaluate.topk": 1,
     "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
-    "train.step_epochs": 1, "labnet.clip_value": 0, "imgnet.clip_value": 0,
+    "train.step_epochs": 1, "imgnet.dropout": 0, "imgnet.code_target": 0, "labnet.clip_value": 0, "imgnet.clip_value": 0,
     "train.threads": 0, "train.loader_workers": 0,
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "baseline.hashnet_step_size": 1,
 }  # fmt: skip
-_AT_MOST = {"bits": 4096, "sweep.bits": 4096, "compare.bits": 4096}
+_AT_MOST = {"bits": 4096, "sweep.bits": 4096, "compare.bits": 4096, "imgnet.dropout": 1, "imgnet.code_target": 1}
+_NOT_EMPTY = ("tracking.experiment", "tracking.registered_model", "promote.metric", "train.device")
 _ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction", "promote.min_delta")
 
 
@@ -355,6 +356,9 @@ def _check_ranges(flat: dict[str, Any]) -> None:
     for key in _ABOVE_ZERO:
         if not flat[key] > 0:
             raise DsehError(f"params key '{key}' must be positive, got {flat[key]}")
+    for key in _NOT_EMPTY:
+        if not str(flat[key]).strip():
+            raise DsehError(f"params key '{key}' must not be empty")
 
 
 def _check_compare_methods(cfg: Config) -> None:

@@ -53,7 +53,12 @@ def item_codes(codes_file: Path, data: PreparedData, data_dir: str | Path) -> np
     the codes of another dataset, is one clear error."""
     if not codes_file.is_file():
         raise DsehError(f"{codes_file} does not exist: pass the packed database codes of this model")
-    codes = np.load(codes_file, mmap_mode="r")
+    try:
+        codes = np.load(codes_file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DsehError(f"{codes_file} is not a .npy array of packed codes ({exc})") from None
+    if codes.ndim != 2 or codes.dtype != np.uint8:
+        raise DsehError(f"{codes_file} holds {codes.dtype} {codes.shape}, not packed uint8 codes (items, bytes)")
     if len(codes) != len(data.labels):
         raise DsehError(
             f"{codes_file} has {len(codes)} codes but {data_dir} has {len(data.labels)} items: another dataset?"
@@ -92,6 +97,8 @@ def search(
         q = pack(_encode_with_mlflow(model_dir, images, timeout_s))
     else:
         model, state = load_imgnet(model_dir, weights)
+        if state.dataset_sha256 != data.sha256:
+            raise DsehError(f"{model_dir} was trained on another prepared dataset than {data_dir}: give its --data")
         codes_file = Path(codes_path) if codes_path else Path(model_dir) / CODES
         x = load_query_images(images, state.image_size)
         q = pack(encode_images(model, x, None, state.config.imgnet.encode_batch_size)[1])

@@ -175,6 +175,13 @@ _HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or
 _OWNER = f"{_HOST}-{os.getpid()}"
 
 
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DsehError(f"cannot write {path}: a file stands where its folder {path.parent} should be") from None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -210,7 +217,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it replaces `path` in one rename, on any
     failure it is removed and `path` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     clean_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{_OWNER}")
     try:
@@ -229,7 +236,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     directory that looks complete is ever half-written.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     clean_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_OWNER}-", dir=out.parent))
     umask = os.umask(0)

@@ -168,7 +168,7 @@ def step_run(
         yield None
         return
     uri = tracking_uri()
-    hint = "" if required is not None else "; set tracking.required=false to train without it"
+    hint = "; set tracking.required=false to train without it" if required is None and tc.required else ""
     required = tc.required if required is None else required
     try:
         check_server(uri, tc.timeout_s, hint)

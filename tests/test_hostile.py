@@ -334,3 +334,50 @@ def test_search_with_a_registry_model_fails_fast_when_the_server_is_unreachable(
     assert main([*args, "--data", str(trained.data), "--timeout", "2"]) == 2
     assert time.monotonic() - t0 < 10
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_review_cases_end_in_one_message(trained, tmp_path, capsys):
+    """Found by trying the CLI as a user would: each ends in one `dseh: error:` line, exit 2."""
+    data, img = str(trained.data), str(trained.imgnet(0))
+    q = tmp_path / "q.png"
+    write_image(q, 0)
+    not_npy, other = tmp_path / "codes.npy", tmp_path / "other"
+    not_npy.write_bytes(b"not an array")
+    stages.prepare(from_dict(tiny_raw(seed=1)), other, progress=False)  # same sizes, another dataset
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["search", str(q), "--model", img, "--data", data, "--codes", str(not_npy)], "is not a .npy array"),
+        (["search", str(q), "--model", img, "--data", str(other)], "another prepared dataset"),
+        (["prepare", "-q", "-S", "imgnet.dropout=1.5"], "'imgnet.dropout' must be at most 1"),
+        (["prepare", "-q", "-S", "tracking.registered_model="], "must not be empty"),
+        (
+            [
+                "train-labnet",
+                "-q",
+                "--data",
+                data,
+                "--out",
+                str(tmp_path / "l"),
+                "-S",
+                "train.device=tpu",
+                "-S",
+                "tracking.enabled=false",
+            ],
+            "'train.device': 'tpu' is not a device",
+        ),  # fmt: skip
+        (["prepare", "-q", "--root", str(tmp_path / "afile"), "-S", "tracking.enabled=false"], "a file stands"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    with pytest.raises(SystemExit):
+        main(["train-labnet", "--round", "-1"])
+    assert "must be at least 0" in capsys.readouterr().err
+
+
+def test_an_index_is_written_beside_the_step_output_not_inside_it(trained, capsys):
+    assert main(["index", "--model", str(trained.imgnet(0)), "--data", str(trained.data), "-k", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)["index"]
+    assert out == str(trained.imgnet(0).parent / "round0-index-ivf.faiss")
+    assert not list(trained.imgnet(0).glob("index-*"))

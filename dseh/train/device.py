@@ -23,7 +23,10 @@ def resolve_device(name: str) -> torch.device:
     torchrun, 'auto' and 'cuda' mean this process's GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DsehError(f"params key 'train.device': '{name}' is not a device (auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DsehError(f"params key 'train.device' is '{name}' but no CUDA device is available")
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
