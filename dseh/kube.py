@@ -33,6 +33,8 @@ SECRET_KEYS = {
     "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
 }
 PLACEHOLDER = "{{$."  # a KFP placeholder the backend left unresolved
+PATCH_MANAGER = "dseh"  # the owner of the TrainJob's runtime patch (TrainerV1alpha1RuntimePatch.manager)
+DEADLINE_S = 24 * 3600  # a job's activeDeadlineSeconds, and how long its step waits for it
 
 
 def torchrun_args(nodes: int, nproc_per_node: int) -> list[str]:
@@ -82,6 +84,7 @@ class JobOptions:
     s3_secret: str = "dseh-s3"
     mlflow_secret: str = "dseh-mlflow"
     labels: tuple[tuple[str, str], ...] = ()  # more labels of the job (its pipeline run and round)
+    active_deadline_s: int = DEADLINE_S  # the cluster fails the job after this long (activeDeadlineSeconds)
 
 
 def _env(opts: JobOptions) -> list[dict]:
@@ -114,12 +117,76 @@ def _scheduling(opts: JobOptions) -> dict:
     return spec
 
 
+def _trainjob_spec(opts: JobOptions, command: list[str], resources: dict, volumes: list, mounts: list) -> dict:
+    """A TrainJob's spec in the API of kubeflow-trainer-api 2.3.0: the trainer's container through
+    `trainer`; the volumes, their mounts and the placement of every node's pod as one runtime patch
+    (TrainerV1alpha1RuntimePatch) of the runtime's `node` job and container; and a deadline after
+    which the Trainer fails the job, so that no job outlives its step."""
+    group, _, _ = TRAINJOB
+    pod = {"containers": [{"name": "node", "volumeMounts": mounts}], **_scheduling(opts), "volumes": volumes}
+    node = {"name": "node", "template": {"spec": {"template": {"spec": pod}}}}
+    return {
+        "activeDeadlineSeconds": opts.active_deadline_s,
+        "runtimePatches": [
+            {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node]}}}}
+        ],
+        "runtimeRef": {"name": opts.runtime, "apiGroup": group, "kind": "ClusterTrainingRuntime"},
+        "trainer": {
+            "image": opts.image,
+            "command": command,
+            "numNodes": opts.nodes,
+            "numProcPerNode": opts.gpus_per_node,
+            "resourcesPerNode": resources,
+            "env": _env(opts),
+        },
+    }
+
+
+def _first_difference(sent, kept, path: str = "") -> str | None:
+    """The dotted path of the first field where `kept` differs from `sent` (None if they are equal)."""
+    if isinstance(sent, dict) and isinstance(kept, dict):
+        for key in sorted(sent.keys() | kept.keys()):
+            where = f"{path}.{key}" if path else key
+            if key not in sent or key not in kept:
+                return where
+            if (found := _first_difference(sent[key], kept[key], where)) is not None:
+                return found
+        return None
+    if isinstance(sent, list) and isinstance(kept, list) and len(sent) == len(kept):
+        for i, (a, b) in enumerate(zip(sent, kept)):
+            if (found := _first_difference(a, b, f"{path}[{i}]")) is not None:
+                return found
+        return None
+    return None if sent == kept else path or "(the manifest)"
+
+
+def check_trainjob(manifest: dict) -> dict:
+    """The manifest, if the TrainJob models of kubeflow-trainer-api (the CRD's schema) keep every
+    field of it: a field the API does not have would be pruned by the API server, so it fails here,
+    with its path, when the job is built."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+    from pydantic import ValidationError
+
+    try:
+        kept = TrainerV1alpha1TrainJob.from_dict(manifest).to_dict()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise DsehError(f"the TrainJob does not fit the Trainer API: {field}: {err['msg']}") from exc
+    if (field := _first_difference(manifest, kept)) is not None:
+        raise DsehError(f"the TrainJob has a field the Trainer API does not keep: {field}")
+    return manifest
+
+
 def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
-    """The TrainJob or PyTorchJob that runs `torchrun ... -m dseh <step_args>` on every node."""
+    """The TrainJob or PyTorchJob that runs `torchrun ... -m dseh <step_args>` on every node. The
+    PyTorchJob stays for clusters still on the Training Operator v1, where TrainJob does not exist."""
     if opts.kind not in ("trainjob", "pytorchjob"):
         raise DsehError(f"unknown trainer job kind '{opts.kind}': trainjob or pytorchjob")
     if opts.nodes > 1 and not opts.pvc_name:
         raise DsehError("a training job over several nodes needs a shared volume: give a PersistentVolumeClaim")
+    if opts.active_deadline_s < 1:
+        raise DsehError(f"the job's deadline must be at least 1 s, got {opts.active_deadline_s}")
     command = [*torchrun_args(opts.nodes, opts.gpus_per_node), "-m", "dseh", *step_args]
     resources = {
         "limits": {opts.gpu_resource: str(opts.gpus_per_node), "cpu": opts.cpu, "memory": opts.memory},
@@ -130,32 +197,14 @@ def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
     meta = {"name": opts.name, "namespace": opts.namespace, "labels": labels}
     if opts.kind == "trainjob":
         group, version, _ = TRAINJOB
-        return {
-            "apiVersion": f"{group}/{version}",
-            "kind": "TrainJob",
-            "metadata": meta,
-            "spec": {
-                "runtimeRef": {"name": opts.runtime, "apiGroup": group, "kind": "ClusterTrainingRuntime"},
-                "trainer": {
-                    "image": opts.image,
-                    "command": command,
-                    "numNodes": opts.nodes,
-                    "numProcPerNode": opts.gpus_per_node,
-                    "resourcesPerNode": resources,
-                    "env": _env(opts),
-                },
-                "podTemplateOverrides": [
-                    {
-                        "targetJobs": [{"name": "node"}],
-                        "spec": {
-                            "volumes": volumes,
-                            "containers": [{"name": "node", "volumeMounts": mounts}],
-                            **_scheduling(opts),
-                        },
-                    }
-                ],
-            },
-        }
+        return check_trainjob(
+            {
+                "apiVersion": f"{group}/{version}",
+                "kind": "TrainJob",
+                "metadata": meta,
+                "spec": _trainjob_spec(opts, command, resources, volumes, mounts),
+            }
+        )
     group, version, _ = PYTORCHJOB
 
     def replica(count: int) -> dict:
@@ -221,7 +270,7 @@ def _api(host: str | None = None):
 
 
 def submit_and_wait(
-    manifest: dict, timeout_s: float = 24 * 3600, poll_s: float = 15.0, host: str | None = None
+    manifest: dict, timeout_s: float = DEADLINE_S, poll_s: float = 15.0, host: str | None = None
 ) -> dict:
     """Create the job and wait until it succeeds (returns its status) or fails (one error with its
     message). A job of that name already there is watched, not created twice. A job that has not
@@ -309,7 +358,7 @@ def train_imgnet_on_cluster(
     labnet_dir: str | None,
     out_dir: str,
     prev_imgnet: str | None = None,
-    timeout_s: float = 24 * 3600,
+    timeout_s: float = DEADLINE_S,
     host: str | None = None,
 ) -> dict:
     """The ImgNet step as a multi-node job: stage the resolved params and the inputs on the shared

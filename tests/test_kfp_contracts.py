@@ -341,7 +341,11 @@ def test_the_trainer_job_nodes_are_placed_like_the_gpu_steps(tmp_path):
             kube.JobOptions(name="j", image=IMAGE, kind=kind, pvc_name="nus", placement=placement), ["x"]
         )
         pods = (
-            [o["spec"] for o in m["spec"]["podTemplateOverrides"]]
+            [
+                j["template"]["spec"]["template"]["spec"]
+                for p in m["spec"]["runtimePatches"]
+                for j in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+            ]
             if kind == "trainjob"
             else [r["template"]["spec"] for r in m["spec"]["pytorchReplicaSpecs"].values()]
         )

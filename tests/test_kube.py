@@ -51,13 +51,47 @@ def test_trainjob_manifest_runs_the_step_under_torchrun_on_every_node(monkeypatc
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in t["env"] if "valueFrom" in e}
     assert refs["AWS_SECRET_ACCESS_KEY"] == "dseh-s3" and refs["MLFLOW_TRACKING_URI"] == "dseh-mlflow"
     assert "do-not-leak-me" not in json.dumps(m)
-    (override,) = spec["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    vols = {v["name"]: v for v in override["spec"]["volumes"]}
+    # volumes, mounts and placement: one runtime patch of the runtime's `node` job and container
+    assert "podTemplateOverrides" not in spec and spec["activeDeadlineSeconds"] == 24 * 3600
+    (patch,) = spec["runtimePatches"]
+    assert patch["manager"] == "dseh"
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"
+    pod = node["template"]["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "nus-wide"
     assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": POD.shm_size}
-    (container,) = override["spec"]["containers"]
-    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    (container,) = pod["containers"]
+    assert container["name"] == "node" and {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+@pytest.mark.parametrize("nodes,pvc", [(1, ""), (2, "nus-wide"), (3, "nus-wide")])
+def test_every_trainjob_manifest_round_trips_through_the_trainer_api_models(nodes, pvc):
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    from dseh.pipeline_params import Placement
+
+    placement = Placement.parse(["gpu:NoSchedule"], ["pool=a100"])
+    o = opts(nodes=nodes, pvc_name=pvc, placement=placement, labels=kube.run_labels("run-1", 2), active_deadline_s=60)
+    m = kube.job_manifest(o, STEP)
+    # from_dict drops the fields the models lack: the round trip keeps every field of the manifest
+    assert TrainerV1alpha1TrainJob.from_dict(m).to_dict() == m
+    assert m["spec"]["activeDeadlineSeconds"] == 60
+
+
+def test_a_trainjob_field_the_trainer_api_lacks_fails_with_its_path():
+    m = kube.job_manifest(opts(), STEP)
+    with pytest.raises(DsehError, match=r"does not keep: spec\.podTemplateOverrides$"):
+        kube.check_trainjob({**m, "spec": {**m["spec"], "podTemplateOverrides": [{"targetJobs": [{"name": "node"}]}]}})
+    patch = m["spec"]["runtimePatches"][0]
+    bad = {**patch, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{"name": "node", "x": 1}]}}}}
+    with pytest.raises(DsehError, match=r"spec\.runtimePatches\[0\]\..*replicatedJobs\[0\]\.x$"):
+        kube.check_trainjob({**m, "spec": {**m["spec"], "runtimePatches": [bad]}})
+    with pytest.raises(DsehError, match="does not fit the Trainer API: numNodes"):
+        kube.check_trainjob({**m, "spec": {**m["spec"], "trainer": {**m["spec"]["trainer"], "numNodes": "2"}}})
+    with pytest.raises(DsehError, match="deadline must be at least 1 s"):
+        kube.job_manifest(opts(active_deadline_s=0), STEP)
 
 
 def test_pytorchjob_manifest_has_one_master_and_the_other_nodes_as_workers():
