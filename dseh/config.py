@@ -331,10 +331,11 @@ _ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction"
 
 
 def _validate(cfg: Config) -> None:
-    _check_ranges(dict(_leaves(to_dict(cfg))))
+    flat = dict(_leaves(to_dict(cfg)))
+    _check_ranges(flat)
     for key in ("labnet.epochs", "imgnet.epochs"):
-        if value(cfg, key)[0] < 1:
-            raise DsehError(f"params key '{key}' must train at least 1 epoch in the first round, got {value(cfg, key)}")
+        if flat[key][0] < 1:
+            raise DsehError(f"params key '{key}' must train at least 1 epoch in the first round, got {flat[key]}")
     if cfg.compare.val_fraction >= 1:
         raise DsehError(f"params key 'compare.val_fraction' must be below 1, got {cfg.compare.val_fraction}")
     if len(set(cfg.compare.seeds)) != len(cfg.compare.seeds):
@@ -409,17 +410,11 @@ def to_dict(cfg: Any) -> dict:
         return plain(dataclasses.asdict(cfg))
 
 
-def value(cfg: Config, key: str) -> Any:
-    """The value of a leaf key such as `labnet.epochs` (lists as lists)."""
-    node: Any = to_dict(cfg)
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def values(cfg: Config, keys: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """{key: value} of leaf keys: what a fingerprint over a stage's declared params holds."""
-    return {k: value(cfg, k) for k in keys}
+    """{key: value} of leaf keys such as `labnet.epochs` (lists as lists): what a fingerprint over a
+    stage's declared params holds."""
+    flat = dict(_leaves(to_dict(cfg)))
+    return {k: flat[k] for k in keys}
 
 
 # keys that change how fast or where a step runs and logs, never what it writes: no stage declares
