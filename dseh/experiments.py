@@ -77,10 +77,10 @@ def map_table(
             )
         rows.append(row)
     keys = list(rows[0])
+    cells = [[r.get(k, "") for k in keys] for r in rows]
     with atomic_dir(out_dir) as tmp:
-        artifacts.write_csv(tmp / f"{artifacts.MAP_TABLE}.csv", keys, [[r.get(k, "") for k in keys] for r in rows])
-        md = artifacts.markdown_table(keys, [[r.get(k, "") for k in keys] for r in rows])
-        (tmp / f"{artifacts.MAP_TABLE}.md").write_text(md)
+        artifacts.write_csv(tmp / f"{artifacts.MAP_TABLE}.csv", keys, cells)
+        (tmp / f"{artifacts.MAP_TABLE}.md").write_text(artifacts.markdown_table(keys, cells))
         dump_config(cfg, tmp / artifacts.CONFIG)
     return rows
 

@@ -231,16 +231,21 @@ def register(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data, model_u
     return decision
 
 
-def log_step_model(cfg: Config, imgnet_dir: str | Path, data):
-    """Log the image network of the step output `imgnet_dir` as the pyfunc model `imgnet` in the
-    active run, two query images of the prepared `data` as its input example; returns ModelInfo."""
+def log_model(cfg: Config, model, image_size: int, bits: int, data):
+    """Log an image network as the pyfunc model `imgnet` in the active run, two query images of the
+    prepared `data` as its input example; returns ModelInfo."""
     import numpy as np
 
+    example = np.asarray(data.images[np.sort(data.query[:2])])
+    return tracking.log_imgnet_model(model, image_size, bits, cfg.imgnet.encode_batch_size, example)
+
+
+def log_step_model(cfg: Config, imgnet_dir: str | Path, data):
+    """log_model for the image network of the step output `imgnet_dir`."""
     from dseh.models.factory import load_imgnet
 
     model, state = load_imgnet(imgnet_dir)
-    example = np.asarray(data.images[np.sort(data.query[:2])])
-    return tracking.log_imgnet_model(model, state.image_size, state.bits, cfg.imgnet.encode_batch_size, example)
+    return log_model(cfg, model, state.image_size, state.bits, data)
 
 
 def promotion_key(cfg: Config, cand: Candidate, imgnet_dir: str | Path) -> str:

@@ -21,7 +21,7 @@ from dseh.data import MANIFEST, PreparedData, as_prepared, open_source, write_pr
 from dseh.encoder import encode_images
 from dseh.errors import DsehError
 from dseh.models.factory import build_imgnet, build_labnet, load_imgnet, load_labnet
-from dseh.models.nets import FEATURE_DIM
+from dseh.models.nets import FEATURE_DIM, ImgNet
 from dseh.storage import atomic_dir
 from dseh.train import device as dev
 from dseh.train.loop import finite_or_raise, lr_for_epoch, make_optimizer, run_phase
@@ -83,13 +83,13 @@ def _log_step(tr, out: Path, name: str, summary: dict, exclude: tuple[str, ...] 
     tr.log_artifacts(out, name, exclude)
 
 
-def _log_imgnet_model(tr, cfg: Config, step_dir: Path, data: PreparedData) -> dict:
-    """Log the image network of `step_dir` as the pyfunc model `imgnet` in the step's run (two query
+def _log_imgnet_model(tr, cfg: Config, model: ImgNet, image_size: int, data: PreparedData) -> dict:
+    """Log the trained image network as the pyfunc model `imgnet` in the step's run (two query
     images as its input example); its URI and run for the summary. Nothing without tracking."""
     if tr is None:
         return {}
     with tracking.guard(tr.uri):
-        promotion.log_step_model(cfg, step_dir, data)
+        promotion.log_model(cfg, model, image_size, cfg.bits, data)
     return {"model_uri": f"runs:/{tr.run_id}/imgnet", "model_run_id": tr.run_id}
 
 
@@ -301,7 +301,7 @@ def train_imgnet(
             )  # fmt: skip
             artifacts.save_codes(tmp, codes)
             artifacts.save_train_outputs(tmp, sign(u_all[data.train]), f_all[data.train].astype(np.float32))
-            summary.update(_log_imgnet_model(tr, cfg, tmp, data))
+            summary.update(_log_imgnet_model(tr, cfg, model, image_size, data))
             artifacts.write_step_dir(tmp, cfg, summary, history)
         ckpt.unlink(missing_ok=True)
         _log_step(tr, out, "imgnet", summary, exclude=(artifacts.MODEL,))
