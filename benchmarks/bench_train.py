@@ -44,6 +44,7 @@ from dseh.models.backbones import create_backbone  # noqa: E402
 from dseh.models.nets import ImgNet  # noqa: E402
 from dseh.train import device as devices  # noqa: E402
 from dseh.train import feed, loop, phases  # noqa: E402
+from dseh.train.recipe import make_optimizer  # noqa: E402
 from tests.matconvnet import FULL_CONVS, write_cnnf  # noqa: E402
 
 
@@ -53,7 +54,8 @@ def dseh_phase(cfg, name: str, weights: str, size: int, images: np.ndarray, epoc
     torch.manual_seed(0)
     model = phases.place_model(ImgNet(create_backbone(name, weights, size), 32), device, cfg.train)
     groups, mults = phases.imgnet_param_groups(model, 1e-4, 0.1)
-    opt = loop.make_optimizer(groups, cfg.train)
+    recipe, _ = methods.dseh_recipe(cfg)
+    opt = make_optimizer(groups, recipe)
     rng = np.random.default_rng(0)
     n = len(images)
     labels = torch.from_numpy((rng.random((n, 21)) < 0.2).astype(np.float32)).to(device)
@@ -62,7 +64,7 @@ def dseh_phase(cfg, name: str, weights: str, size: int, images: np.ndarray, epoc
     inputs = methods.ObjectiveInputs(cfg=cfg, labels=labels, device=device, labnet_targets=(B, F))
     objective, _ = methods.get("dseh").objective(inputs)
     phase = phases.imgnet_phase(
-        model, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, epochs, 0, device
+        model, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, epochs, 0, device, recipe
     )
     return model, opt, phase
 

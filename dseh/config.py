@@ -20,10 +20,11 @@ import yaml
 from dseh.data import SOURCES
 from dseh.errors import DsehError
 from dseh.images import MAX_PIXELS
-from dseh.methods import DEEP_METHODS, METHODS
+from dseh.methods import DEEP_METHODS, METHODS, DpshConfig, HashNetConfig
 from dseh.models.backbones import BACKBONES
 from dseh.overrides import apply_overrides
 from dseh.reads import paused
+from dseh.train.recipe import INITS, OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class TrainConfig:
     """What both training phases share: rounds, optimiser, schedule, device."""
 
     rounds: int = 1
-    optimizer: str = "adam"  # adam | sgd (paper)
+    optimizer: str = "adam"  # adam (release) | sgd (paper) | rmsprop: DSEH's and LabNet's
     momentum: float = 0.9  # sgd only
     step_epochs: int = 10
     step_exp: float = 0.5
@@ -153,11 +154,6 @@ class SweepConfig:
 class BaselineConfig:
     """The other hashing methods (`method`), trained in the same loop or fitted on the same features."""
 
-    dpsh_eta: float = 0.1  # DPSH quantisation weight (on the normalised loss)
-    hashnet_alpha_bits: float = 10.0  # HashNet logit scale alpha = this / bits (HashNet's code: 10 / bits)
-    hashnet_step_size: int = 200  # continuation: beta = (1 + gamma * step) ^ power, raised every step_size steps
-    hashnet_gamma: float = 0.005
-    hashnet_power: float = 0.5
     features: str = "auto"  # itq / lsh input: auto (backbone if pretrained weights, else pixels) | pixels | backbone
 
 
@@ -173,17 +169,14 @@ class CompareConfig:
     equal_time_bits: tuple[int, ...] = (32,)  # deep baselines rerun with DSEH's wall time at these lengths
     val_fraction: float = 0.2  # validation queries carved from the training set for tuning
     tune_bits: int = 32
-    # one string per trial, space-separated key=value overrides; every deep method gets as many trials
-    trials_dseh: tuple[str, ...] = ("imgnet.lr_exp=3.5", "imgnet.lr_exp=4.0", "imgnet.lr_exp=3.5 imgnet.gamma_if=0.5")
-    trials_dpsh: tuple[str, ...] = (
-        "imgnet.lr_exp=3.5 baseline.dpsh_eta=0.1",
-        "imgnet.lr_exp=4.0 baseline.dpsh_eta=0.1",
-        "imgnet.lr_exp=3.5 baseline.dpsh_eta=1.0",
-    )
+    # one string per trial, space-separated key=value overrides; every deep method gets as many trials,
+    # its reference recipe first
+    trials_dseh: tuple[str, ...] = ("imgnet.lr_exp=3.5", "imgnet.lr_exp=3.2", "imgnet.lr_exp=3.5 imgnet.gamma_if=0.5")
+    trials_dpsh: tuple[str, ...] = ("dpsh.lr_exp=1.3", "dpsh.lr_exp=1.0", "dpsh.lr_exp=1.3 dpsh.eta=1.0")
     trials_hashnet: tuple[str, ...] = (
-        "imgnet.lr_exp=3.5 baseline.hashnet_alpha_bits=10",
-        "imgnet.lr_exp=4.0 baseline.hashnet_alpha_bits=10",
-        "imgnet.lr_exp=3.5 baseline.hashnet_alpha_bits=20",
+        "hashnet.lr_exp=2.5",
+        "hashnet.lr_exp=2.2",
+        "hashnet.lr_exp=2.5 hashnet.alpha_bits=20",
     )
     jobs: int = 2  # runs in parallel, one torch thread each (results do not depend on it)
 
@@ -204,6 +197,8 @@ class Config:
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    dpsh: DpshConfig = field(default_factory=DpshConfig)
+    hashnet: HashNetConfig = field(default_factory=HashNetConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
@@ -215,7 +210,8 @@ _CHOICES = {
     "labnet.label_head": ("sigmoid", "linear"),
     "imgnet.backbone": tuple(BACKBONES),
     "imgnet.hash_from": ("pre_relu", "post_relu"),
-    "train.optimizer": ("adam", "sgd"),
+    **{f"{m}.optimizer": OPTIMIZERS for m in ("train", "dpsh", "hashnet")},
+    **{f"{m}.init": INITS for m in ("dpsh", "hashnet")},
 }
 
 
@@ -323,9 +319,13 @@ _AT_LEAST: dict[str, float] = {
     "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
     "train.step_epochs": 1, "imgnet.dropout": 0, "imgnet.code_target": 0, "labnet.clip_value": 0, "imgnet.clip_value": 0,
     "train.threads": 0, "train.loader_workers": 0,
-    "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "baseline.hashnet_step_size": 1,
+    "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "hashnet.step_size": 1,
+    "train.momentum": 0, "dpsh.momentum": 0, "hashnet.momentum": 0, "dpsh.weight_decay": 0, "hashnet.weight_decay": 0,
 }  # fmt: skip
-_AT_MOST = {"bits": 4096, "sweep.bits": 4096, "compare.bits": 4096, "imgnet.dropout": 1, "imgnet.code_target": 1}
+_AT_MOST = {
+    "bits": 4096, "sweep.bits": 4096, "compare.bits": 4096, "imgnet.dropout": 1, "imgnet.code_target": 1,
+    "train.momentum": 1, "dpsh.momentum": 1, "hashnet.momentum": 1,
+}  # fmt: skip
 _NOT_EMPTY = ("tracking.experiment", "tracking.registered_model", "promote.metric", "train.device")
 _ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction", "promote.min_delta")
 

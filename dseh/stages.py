@@ -24,8 +24,9 @@ from dseh.models.factory import build_imgnet, build_labnet, load_imgnet, load_la
 from dseh.models.nets import FEATURE_DIM, ImgNet
 from dseh.storage import atomic_dir
 from dseh.train import device as dev
-from dseh.train.loop import finite_or_raise, lr_for_epoch, make_optimizer, run_phase
+from dseh.train.loop import finite_or_raise, run_phase
 from dseh.train.phases import encode_labels, imgnet_param_groups, imgnet_phase, labnet_phase, place_model
+from dseh.train.recipe import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ _LABNET += _keys("labnet", "quant_reduction label_head clip_value")
 _TRAIN = _keys("train", "rounds optimizer momentum step_epochs step_exp device compile threads")
 _IMGNET = _keys("imgnet", "backbone weights batch_size epochs lr_exp backbone_lr_mult clip_value gamma_if eta")
 _IMGNET += _keys("imgnet", "sim_scale logit_scale code_scale code_target hash_from dropout flip encode_batch_size")
-_BASELINE = _keys("baseline", "dpsh_eta hashnet_alpha_bits hashnet_step_size hashnet_gamma hashnet_power features")
+_RECIPE = "optimizer lr_exp step_exp momentum weight_decay init"
+_BASELINE = ("baseline.features", *_keys("dpsh", f"eta {_RECIPE}"))
+_BASELINE += _keys("hashnet", f"alpha_bits step_size gamma power {_RECIPE}")
 _DATA = _keys("data", "source image_root list_dir train_list query_list database_list img_h5 lab_h5 fashion_dir")
 _DATA += _keys("data", "image_size n_database n_train n_query skip_bad_images max_pixels")
 
@@ -153,7 +156,8 @@ def train_labnet(
         dev.set_determinism(seed, cfg.train.threads)
         labels = torch.from_numpy(data.labels[data.train]).to(device)
         model = build_labnet(data.n_classes, cfg.bits, cfg.labnet).to(device)
-        optimizer = make_optimizer([{"params": list(model.parameters()), "lr": 1e-3}], cfg.train)
+        recipe = methods.labnet_recipe(cfg)
+        optimizer = make_optimizer([{"params": list(model.parameters()), "lr": 1e-3}], recipe)
         F_buf, H_buf, inputs = _labnet_start(cfg, data, round_index, seed, model, optimizer, prev_labnet, prev_imgnet)
         epochs = epochs_for_round(cfg.labnet.epochs, round_index)
         phase = labnet_phase(
@@ -163,7 +167,7 @@ def train_labnet(
             F_buf.to(device),
             H_buf.to(device),
             cfg.labnet,
-            cfg.train,
+            recipe,
             round_index,
             epochs,
             seed,
@@ -258,11 +262,11 @@ def train_imgnet(
         seed = artifacts.phase_seed(cfg.seed, "imgnet", round_index)
         dev.set_determinism(seed, cfg.train.threads)
         image_size = int(data.images.shape[1])
-        model = place_model(build_imgnet(cfg, image_size), device, cfg.train)
+        recipe, init = method.recipe(cfg)
+        model = place_model(build_imgnet(cfg, image_size, init), device, cfg.train)
         epochs = epochs_for_round(cfg.imgnet.epochs, round_index)
-        base = lr_for_epoch(cfg.imgnet.lr_exp, cfg.train.step_exp, cfg.train.step_epochs, 0, round_index)
-        groups, mults = imgnet_param_groups(model, base, cfg.imgnet.backbone_lr_mult)
-        optimizer = make_optimizer(groups, cfg.train)
+        groups, mults = imgnet_param_groups(model, recipe.lr(0, round_index), cfg.imgnet.backbone_lr_mult)
+        optimizer = make_optimizer(groups, recipe)
         labels = torch.from_numpy(data.labels[data.train]).to(device)
         inp, inputs = _objective_inputs(cfg, method, data, labels, device, model, optimizer, labnet_dir, prev_imgnet)
         objective, buffers = method.objective(inp)
@@ -270,7 +274,7 @@ def train_imgnet(
         step_offset = per_epoch * sum(epochs_for_round(cfg.imgnet.epochs, r) for r in range(round_index))
         phase = imgnet_phase(
             model, optimizer, mults, data.images, data.train, objective, cfg.imgnet, cfg.train,
-            round_index, epochs, seed, device, step_offset, buffers,
+            round_index, epochs, seed, device, recipe, step_offset, buffers,
         )  # fmt: skip
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)

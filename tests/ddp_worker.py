@@ -15,6 +15,7 @@ from dseh.models.factory import build_labnet
 from dseh.models.nets import ImgNet
 from dseh.train import device as devices
 from dseh.train import loop, phases
+from dseh.train.recipe import make_optimizer
 
 
 def main(out: Path) -> None:
@@ -35,19 +36,21 @@ def main(out: Path) -> None:
 
     lab = build_labnet(6, cfg.bits, cfg.labnet)
     F_buf, H_buf = torch.zeros(n, 512), torch.zeros(n, cfg.bits)
-    opt = loop.make_optimizer([{"params": list(lab.parameters()), "lr": 1e-3}], cfg.train)
-    phase = phases.labnet_phase(lab, opt, labels, F_buf, H_buf, cfg.labnet, cfg.train, 0, 2, seed=3)
+    labnet_recipe = methods.labnet_recipe(cfg)
+    opt = make_optimizer([{"params": list(lab.parameters()), "lr": 1e-3}], labnet_recipe)
+    phase = phases.labnet_phase(lab, opt, labels, F_buf, H_buf, cfg.labnet, labnet_recipe, 0, 2, seed=3)
     lab_hist = loop.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
 
     img = ImgNet(SmallCNN(12, dropout=0.0), cfg.bits)
     groups, mults = phases.imgnet_param_groups(img, 1e-3, 1.0)
-    opt = loop.make_optimizer(groups, cfg.train)
+    recipe, _ = methods.get("dpsh").recipe(cfg)
+    opt = make_optimizer(groups, recipe)
     inputs = methods.ObjectiveInputs(cfg=cfg, labels=labels, device=torch.device("cpu"))
     objective, buffers = methods.get("dpsh").objective(inputs)
     U = buffers["U"]
     phase = phases.imgnet_phase(
         img, opt, mults, images, np.arange(n), objective, cfg.imgnet, cfg.train, 0, 2, 5, torch.device("cpu"),
-        buffers=buffers,
+        recipe, buffers=buffers,
     )  # fmt: skip
     img_hist = loop.run_phase(phase, cfg.train, None, "ddp-test", progress=False)
     torch.save(

@@ -27,8 +27,8 @@ COMPARE = {
     "tune_bits": 8,
     "val_fraction": 0.25,
     "trials_dseh": ["imgnet.lr_exp=3.5"],
-    "trials_dpsh": ["imgnet.lr_exp=3.5 baseline.dpsh_eta=0.1"],
-    "trials_hashnet": ["imgnet.lr_exp=3.5 baseline.hashnet_alpha_bits=10"],
+    "trials_dpsh": ["imgnet.lr_exp=3.5 dpsh.eta=0.1"],
+    "trials_hashnet": ["imgnet.lr_exp=3.5 hashnet.alpha_bits=10"],
     "jobs": 1,
 }
 # short but long enough for LabNet codes to form on the 200 training items

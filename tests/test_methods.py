@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from dseh import artifacts, experiments, stages
+from dseh import artifacts, experiments, methods, stages
 from dseh.artifacts import load_step_model
 from dseh.cli import main
 from dseh.codes import packed_width
@@ -86,6 +86,53 @@ def test_labnet_is_trained_exactly_for_the_methods_that_need_it(trained, method)
     assert ("labnet" in json.loads((root / "eval" / artifacts.METRICS).read_text())) == needs
 
 
+# the optimiser state each optimiser keeps per parameter
+_STATE_KEY = {"adam": "exp_avg", "sgd": "momentum_buffer", "rmsprop": "square_avg"}
+
+
+@pytest.mark.parametrize("method", DEEP_METHODS)
+def test_every_deep_method_trains_with_its_own_recipe(trained, method):
+    root, _ = trained(method)
+    state = load_step_model(root / "imgnet/round0", "imgnet")
+    recipe, _ = METHODS[method].recipe(state.config)
+    groups = state.optimizer["param_groups"]
+    assert all(g["weight_decay"] == recipe.weight_decay for g in groups)
+    assert groups[0]["lr"] == pytest.approx(recipe.lr(state.config.imgnet.epochs[0] - 1, 0))
+    if recipe.optimizer != "adam":
+        assert all(g["momentum"] == recipe.momentum for g in groups)
+    kept = next(iter(state.optimizer["state"].values()), {})
+    if recipe.optimizer == "sgd" and recipe.momentum == 0:  # plain SGD keeps no state
+        assert not kept
+    else:
+        assert _STATE_KEY[recipe.optimizer] in kept, (method, sorted(kept))
+
+
+def test_baselines_default_to_their_reference_recipes_whatever_dseh_uses():
+    cfg = from_dict(tiny_raw(), ["imgnet.lr_exp=5", "train.optimizer=rmsprop", "train.momentum=0.5"])
+    dseh, dseh_init = methods.dseh_recipe(cfg)
+    assert (dseh.optimizer, dseh.lr_exp, dseh.momentum, dseh_init) == ("rmsprop", 5.0, 0.5, "release")
+    dpsh, dpsh_init = METHODS["dpsh"].recipe(cfg)
+    assert (dpsh.optimizer, dpsh.lr_exp, dpsh.weight_decay, dpsh.momentum) == ("sgd", 1.3, 1e-5, 0.0)
+    hashnet, _ = METHODS["hashnet"].recipe(cfg)
+    assert (hashnet.optimizer, hashnet.weight_decay, hashnet.momentum) == ("sgd", 5e-4, 0.9)
+    assert dpsh_init == "default"
+    over, _ = METHODS["dpsh"].recipe(from_dict(tiny_raw(), ["dpsh.optimizer=adam", "dpsh.lr_exp=3.5"]))
+    assert (over.optimizer, over.lr_exp) == ("adam", 3.5)
+
+
+def test_new_layers_start_from_the_methods_init(tiny_cfg):
+    release, default = build_imgnet(tiny_cfg, 12, "release"), build_imgnet(tiny_cfg, 12, "default")
+    # the release's N(0, 0.01^2) truncated at 2 sigma; torch's default is uniform in +-1/sqrt(fan_in) (0.044 here)
+    assert float(release.fc9.weight.abs().max()) <= 0.02
+    assert float(default.fc9.weight.abs().max()) > 0.03
+
+
+@pytest.mark.parametrize("key", ["dpsh.optimizer=lbfgs", "hashnet.init=xavier", "dpsh.momentum=1.5"])
+def test_config_refuses_a_bad_recipe_naming_the_key(key):
+    with pytest.raises(DsehError, match=key.split("=")[0].replace(".", r"\.")):
+        from_dict(tiny_raw(), [key])
+
+
 def test_config_refuses_an_unknown_method_naming_the_registry():
     with pytest.raises(DsehError) as e:
         from_dict(tiny_raw(method="dseh2"))
@@ -128,7 +175,7 @@ def test_hashnet_continuation_counts_steps_across_epochs_and_rounds(tiny_cfg):
 
     phase = phases.imgnet_phase(
         model, None, [1.0], images, np.arange(10), objective, tiny_cfg.imgnet, tiny_cfg.train, 1, 1, 0,
-        torch.device("cpu"), step_offset=7,
+        torch.device("cpu"), methods.dseh_recipe(tiny_cfg)[0], step_offset=7,
     )  # fmt: skip
     idx = np.arange(3)
     phase.step(phase.model, idx, phase.fetch(idx, 2, 0))

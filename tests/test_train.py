@@ -14,7 +14,7 @@ from dseh import artifacts, losses, stages
 from dseh.config import from_dict
 from dseh.errors import DsehError
 from dseh.models.factory import load_imgnet
-from dseh.train.loop import lr_for_epoch
+from dseh.train.recipe import lr_for_epoch
 from tests.helpers import REPO, tiny_raw
 
 

@@ -18,12 +18,13 @@ def build_labnet(n_classes: int, bits: int, cfg: LabNetConfig) -> LabNet:
     return LabNet(n_classes, bits, cfg.hidden, cfg.lrn)
 
 
-def build_imgnet(cfg: Config, image_size: int) -> ImgNet:
-    """ImgNet for cfg; pretrained weights from a local path or an s3:// URI (downloaded first)."""
+def build_imgnet(cfg: Config, image_size: int, init: str = "release") -> ImgNet:
+    """ImgNet for cfg; pretrained weights from a local path or an s3:// URI (downloaded first); the
+    new layers start from `init` (dseh.train.recipe.INITS: the method's own)."""
     weights = cfg.imgnet.weights
     with local_copy(weights, cfg.data.s3_timeout_s, cfg.data.s3_retries) if weights else nullcontext("") as w:
         backbone = create_backbone(cfg.imgnet.backbone, w, image_size, cfg.imgnet.dropout)
-    return ImgNet(backbone, cfg.bits, cfg.imgnet.hash_from)
+    return ImgNet(backbone, cfg.bits, cfg.imgnet.hash_from, init)
 
 
 def load_labnet(path: str | Path) -> tuple[LabNet, StepModel]:

@@ -46,14 +46,15 @@ class LabNet(nn.Module):
 class ImgNet(nn.Module):
     """images -> backbone -> fc8 = z; f^v = ReLU(z); u = fc9(z) (release) or fc9(f^v) (paper)."""
 
-    def __init__(self, backbone: Backbone, bits: int, hash_from: str = "pre_relu"):
+    def __init__(self, backbone: Backbone, bits: int, hash_from: str = "pre_relu", init: str = "release"):
         super().__init__()
         self.backbone = backbone
         self.fc8 = nn.Linear(backbone.out_dim, FEATURE_DIM)
         self.fc9 = nn.Linear(FEATURE_DIM, bits)
         self.hash_from = hash_from
-        init_new_layer(self.fc8)
-        init_new_layer(self.fc9)
+        if init == "release":  # else torch's default init of nn.Linear
+            init_new_layer(self.fc8)
+            init_new_layer(self.fc9)
 
     def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, H, W, 3) -> (f^v (B, 512), hash logits u (B, K))."""

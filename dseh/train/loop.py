@@ -27,18 +27,6 @@ log = logging.getLogger(__name__)
 GPU_SYNC_EVERY = 32  # steps between the loop's host syncs (NaN guard, progress) on a GPU
 
 
-def lr_for_epoch(lr_exp: float, step_exp: float, step_epochs: int, epoch: int, round_index: int) -> float:
-    """lr = 10^-(lr_exp + step_exp * (floor(epoch / step_epochs) + round)) (the release's schedule)."""
-    return 10.0 ** -(lr_exp + step_exp * (epoch // step_epochs + round_index))
-
-
-def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
-    # the fused kernel (one pass over every tensor), on the CPU too: LabNet's steps are about 25% faster
-    return torch.optim.Adam(groups, lr=groups[0]["lr"], fused=True)
-
-
 @dataclass
 class Phase:
     """What the loop needs from one network's phase."""

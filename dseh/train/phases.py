@@ -16,7 +16,8 @@ from dseh.methods import Objective
 from dseh.models.nets import ImgNet, LabNet
 from dseh.train.device import autocast, write_rows
 from dseh.train.feed import gather_images, mirror
-from dseh.train.loop import Phase, lr_for_epoch
+from dseh.train.loop import Phase
+from dseh.train.recipe import Recipe
 
 
 def labnet_phase(
@@ -26,7 +27,7 @@ def labnet_phase(
     F_buf: torch.Tensor,
     H_buf: torch.Tensor,
     cfg: LabNetConfig,
-    train_cfg: TrainConfig,
+    recipe: Recipe,
     round_index: int,
     epochs: int,
     seed: int,
@@ -49,14 +50,9 @@ def labnet_phase(
         total = cfg.gamma_pf * j1 + cfg.gamma_ph * j2 + cfg.beta * j3 + cfg.gamma_hl * j4
         return {"loss": total, "J1": j1.detach(), "J2": j2.detach(), "J3": j3.detach(), "J4": j4.detach()}
 
-    schedule = _schedule(cfg, train_cfg, round_index)
+    schedule = functools.partial(recipe.lr, round_index=round_index)
     return Phase("labnet", round_index, model, optimizer, len(Y), cfg.batch_size, epochs, schedule, [1.0],
                  lambda idx, e, b: None, step, {"F": F_buf, "H": H_buf}, seed, cfg.clip_value)  # fmt: skip
-
-
-def _schedule(cfg: LabNetConfig | ImgNetConfig, train_cfg: TrainConfig, round_index: int):
-    """epoch -> learning rate of a network's new layers in this round."""
-    return lambda e: lr_for_epoch(cfg.lr_exp, train_cfg.step_exp, train_cfg.step_epochs, e, round_index)
 
 
 @torch.no_grad()
@@ -101,6 +97,7 @@ def imgnet_phase(
     epochs: int,
     seed: int,
     device: torch.device,
+    recipe: Recipe,
     step_offset: int = 0,
     buffers: dict[str, torch.Tensor] | None = None,
 ) -> Phase:
@@ -131,6 +128,6 @@ def imgnet_phase(
             f, u = net(x)
         return objective(t, f.float(), u.float(), global_step)
 
-    schedule = _schedule(cfg, train_cfg, round_index)
+    schedule = functools.partial(recipe.lr, round_index=round_index)
     return Phase("imgnet", round_index, model, optimizer, len(train_items), cfg.batch_size, epochs, schedule,
                  lr_mults, fetch, step, buffers or {}, seed, cfg.clip_value)  # fmt: skip
