@@ -119,6 +119,8 @@ class EvaluateConfig:
     precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
     radius: int = 2  # hash-lookup precision within this Hamming radius (d <= radius)
     heatmap_items: int = 100
+    example_queries: int = 5  # queries of the report's retrieval examples, spread over the label sets
+    example_topk: int = 10  # database images shown per example query
     query_chunk: int = 256
     collapse_min_distinct: int = 16  # fewer distinct database codes (capped at its label sets), or all bits constant
 
@@ -321,6 +323,7 @@ _AT_LEAST: dict[str, float] = {
     "labnet.epochs": 0, "imgnet.epochs": 0, "imgnet.encode_batch_size": 1, "data.image_size": 8,
     "data.chunk_size": 1, "data.max_pixels": 1, "data.workers": 1, "data.s3_retries": 0, "evaluate.topk": 1,
     "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
+    "evaluate.example_queries": 1, "evaluate.example_topk": 1,
     "train.step_epochs": 1, "imgnet.dropout": 0, "imgnet.code_target": 0, "labnet.clip_value": 0, "imgnet.clip_value": 0,
     "train.threads": 0, "train.loader_workers": 0,
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "baseline.hashnet_step_size": 1,
