@@ -45,6 +45,7 @@ class DataConfig:
     n_query: int = 1000
     skip_bad_images: bool = False
     max_pixels: int = MAX_PIXELS  # larger images are refused from their header, before decoding (Pillow's limit)
+    device: str = "auto"  # where list-files / hdf5 images are resized: cpu (Pillow) | cuda | cuda:N (torch) | auto
     chunk_size: int = 512
     workers: int = 4  # threads decoding images
     s3_timeout_s: float = 10.0
@@ -329,7 +330,7 @@ _AT_LEAST: dict[str, float] = {
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "baseline.hashnet_step_size": 1,
 }  # fmt: skip
 _AT_MOST = {"bits": 4096, "sweep.bits": 4096, "compare.bits": 4096, "imgnet.dropout": 1, "imgnet.code_target": 1}
-_NOT_EMPTY = ("tracking.experiment", "tracking.registered_model", "promote.metric", "train.device")
+_NOT_EMPTY = ("tracking.experiment", "tracking.registered_model", "promote.metric", "train.device", "data.device")
 _ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction", "promote.min_delta")
 
 

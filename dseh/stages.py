@@ -41,7 +41,7 @@ _IMGNET = _keys("imgnet", "backbone weights batch_size epochs lr_exp backbone_lr
 _IMGNET += _keys("imgnet", "sim_scale logit_scale code_scale code_target hash_from dropout flip encode_batch_size")
 _BASELINE = _keys("baseline", "dpsh_eta hashnet_alpha_bits hashnet_step_size hashnet_gamma hashnet_power features")
 _DATA = _keys("data", "source image_root list_dir train_list query_list database_list img_h5 lab_h5 fashion_dir")
-_DATA += _keys("data", "image_size n_database n_train n_query skip_bad_images max_pixels")
+_DATA += _keys("data", "image_size n_database n_train n_query skip_bad_images max_pixels device")
 
 # the params keys each step reads (for any method and data source), besides dseh.config.NEUTRAL_KEYS
 # (speed and logging only): dvc.yaml declares exactly these, fingerprints hold their values, and
