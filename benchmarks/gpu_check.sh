@@ -4,7 +4,8 @@
 # ResNet-50 at 224x224 (step alone, then the whole loop over a memory-mapped file with GPU
 # utilisation; bf16, float32, torch.compile; 1 process and DDP over NPROC processes under torchrun),
 # same-seed determinism of the pipeline's training steps on CUDA, and the retrieval report on the GPU
-# (dseh.evaluation_torch) against numpy and faiss at the NUS-WIDE scale.
+# (dseh.evaluation_torch) against numpy and faiss at the NUS-WIDE scale, and prepare's resize on the
+# GPU against Pillow's on the CPU (benchmarks/bench_prepare.py --mode resize).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (env: N_TRAIN, EPOCHS, WORKERS, NPROC, BACKBONES, PY)
 set -uo pipefail
 out=${1:-${OUT:-gpu_check_out}}
@@ -33,6 +34,8 @@ ref = x[items].copy(); ref[flip] = ref[flip, :, ::-1]
 print('pinned gather + mirror on CUDA:', t.is_pinned(), 'equal' if np.array_equal(g, ref) else 'DIFFER')"
 run $py -m pytest -q tests/test_evaluation_torch.py
 run $py benchmarks/bench_retrieval.py --nus-only --device cuda
+run $py benchmarks/bench_prepare.py --mode resize --n 2000 --device cuda
+run $py -m pytest -q tests/test_prepare_device.py
 run $py $b --mode feed --backbones "${bb%%,*}" --n-train $n --workers $w --tmp $shm
 run $py $b --mode step --backbones $bb --steps 20
 run $py $b $loop --backbones $bb

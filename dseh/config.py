@@ -46,6 +46,7 @@ class DataConfig:
     n_query: int = 1000
     skip_bad_images: bool = False
     max_pixels: int = MAX_PIXELS  # larger images are refused from their header, before decoding (Pillow's limit)
+    device: str = "auto"  # where list-files / hdf5 images are resized: cpu (Pillow) | cuda | cuda:N (torch) | auto
     chunk_size: int = 512
     workers: int = 4  # threads decoding images
     s3_timeout_s: float = 10.0
@@ -120,6 +121,8 @@ class EvaluateConfig:
     precision_at: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000)
     radius: int = 2  # hash-lookup precision within this Hamming radius (d <= radius)
     heatmap_items: int = 100
+    example_queries: int = 5  # queries of the report's retrieval examples, spread over the label sets
+    example_topk: int = 10  # database images shown per example query
     query_chunk: int = 256
     collapse_min_distinct: int = 16  # fewer distinct database codes (capped at its label sets), or all bits constant
 
@@ -317,6 +320,7 @@ _AT_LEAST: dict[str, float] = {
     "labnet.epochs": 0, "imgnet.epochs": 0, "imgnet.encode_batch_size": 1, "data.image_size": 8,
     "data.chunk_size": 1, "data.max_pixels": 1, "data.workers": 1, "data.s3_retries": 0, "evaluate.topk": 1,
     "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
+    "evaluate.example_queries": 1, "evaluate.example_topk": 1,
     "train.step_epochs": 1, "imgnet.dropout": 0, "imgnet.code_target": 0, "labnet.clip_value": 0, "imgnet.clip_value": 0,
     "train.threads": 0, "train.loader_workers": 0,
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "hashnet.step_size": 1,
@@ -326,7 +330,7 @@ _AT_MOST = {
     "bits": 4096, "sweep.bits": 4096, "compare.bits": 4096, "imgnet.dropout": 1, "imgnet.code_target": 1,
     "train.momentum": 1, "dpsh.momentum": 1, "hashnet.momentum": 1,
 }  # fmt: skip
-_NOT_EMPTY = ("tracking.experiment", "tracking.registered_model", "promote.metric", "train.device")
+_NOT_EMPTY = ("tracking.experiment", "tracking.registered_model", "promote.metric", "train.device", "data.device")
 _ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction", "promote.min_delta")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from dseh import storage
 from dseh.errors import DsehError, MissingObject
 from dseh.fashion import fashion_mnist, fashion_mosaic
-from dseh.images import BadImage, decode_image
+from dseh.images import BadImage, decode_image, decode_rgb, resize_batch, resize_device, resize_info
 from dseh.listfile import parse_list_file
 from dseh.source import Source, check_mosaic_sizes, mosaic_source
 
@@ -101,20 +101,28 @@ def _merge_splits(
     return paths, np.stack(label_rows), splits
 
 
-def _file_loader(cfg: DataConfig, paths: Sequence[str]) -> Callable:
+def _file_loader(cfg: DataConfig, paths: Sequence[str], device=None) -> Callable:
+    """A Source.load_chunk over image files. Without `device` each decoding thread resizes its image
+    with Pillow (decode_image); with a torch device the threads decode at full size and the chunk's
+    images are resized there in batches (resize_batch), so a chunk's decoded images are held at
+    their own size until then."""
 
     def load_chunk(idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
         out = np.zeros((len(idx), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+        decoded: dict[int, np.ndarray] = {}
 
         def load_one(pos: int) -> str | None:
-            """Decode item idx[pos] into out[pos]; the reason it is bad, or None."""
+            """Decode item idx[pos] into out[pos] (or decoded[pos]); the reason it is bad, or None."""
             uri = storage.inside_root(cfg.image_root, paths[idx[pos]])  # a link out of the root: refused
             try:
                 data = storage.read_bytes(uri, cfg.s3_timeout_s, cfg.s3_retries)
             except MissingObject:
                 return "does not exist"
             try:
-                out[pos] = decode_image(data, cfg.image_size, cfg.max_pixels)
+                if device is None:
+                    out[pos] = decode_image(data, cfg.image_size, cfg.max_pixels)
+                else:
+                    decoded[pos] = decode_rgb(data, cfg.max_pixels)
             except BadImage as exc:
                 return str(exc)
             except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
@@ -127,6 +135,9 @@ def _file_loader(cfg: DataConfig, paths: Sequence[str]) -> Callable:
         # decoding. An error (a link out of the root) cancels those not yet started.
         with ThreadPoolExecutor(max_workers=max(1, min(cfg.workers, len(idx)))) as pool:
             reasons = list(pool.map(load_one, range(len(idx))))
+        if decoded:
+            good = sorted(decoded)
+            out[good] = resize_batch([decoded.pop(p) for p in good], cfg.image_size, device)
         return out, {pos: why for pos, why in enumerate(reasons) if why is not None}
 
     return load_chunk
@@ -160,14 +171,16 @@ def _file_source(cfg: DataConfig, seed: int, parts: dict, sources: dict, describ
     if with_train:
         database = np.unique(np.concatenate([splits["train"], database]))
     splits["database"] = database[np.random.default_rng(seed).permutation(len(database))]
+    device = resize_device(cfg.device)
     return Source(
         name=describe["source"],
         labels=labels,
         classes=[str(i) for i in range(labels.shape[1])],
         splits=splits,
         paths=paths,
-        load_chunk=_file_loader(cfg, paths),
+        load_chunk=_file_loader(cfg, paths, device),
         describe=describe,
+        resize=resize_info(device),
     )
 
 
@@ -316,6 +329,7 @@ def write_prepared(src: Source, cfg: DataConfig, seed: int, out: Path, progress:
             "classes": int(labels.shape[1]),
             **{split: int(len(splits[split])) for split in SPLITS},
         },
+        "resize": src.resize,
         "skipped_images": len(bad_paths),
         "skipped_examples": bad_paths[:20],
         "files": hashes,

@@ -5,7 +5,7 @@ nearest-neighbour conversion to RGB at the prepared size and 2x2 mosaics labelle
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +28,8 @@ class Source:
     load_chunk: Callable[[np.ndarray], tuple[np.ndarray, dict[int, str]]]
     # load_chunk(indices) -> (uint8 images (n, H, W, 3), {position within the chunk: why it failed})
     describe: dict
+    # how and where images were brought to data.image_size (the manifest's `resize`)
+    resize: dict = field(default_factory=lambda: {"method": "nearest-neighbour sampling (numpy)", "device": "cpu"})
 
 
 def gray_to_rgb(gray: np.ndarray, size: int) -> np.ndarray:

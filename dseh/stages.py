@@ -44,7 +44,7 @@ _RECIPE = "optimizer lr_exp step_exp momentum weight_decay init"
 _BASELINE = ("baseline.features", *_keys("dpsh", f"eta {_RECIPE}"))
 _BASELINE += _keys("hashnet", f"alpha_bits step_size gamma power {_RECIPE}")
 _DATA = _keys("data", "source image_root list_dir train_list query_list database_list img_h5 lab_h5 fashion_dir")
-_DATA += _keys("data", "image_size n_database n_train n_query skip_bad_images max_pixels")
+_DATA += _keys("data", "image_size n_database n_train n_query skip_bad_images max_pixels device")
 
 # the params keys each step reads (for any method and data source), besides dseh.config.NEUTRAL_KEYS
 # (speed and logging only): dvc.yaml declares exactly these, fingerprints hold their values, and
@@ -54,7 +54,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train_labnet": ("seed", "bits", "method", *_LABNET, *_TRAIN),
     "train_imgnet": ("seed", "bits", "method", *_IMGNET, *_TRAIN, *_keys("train", "amp channels_last"), *_BASELINE),
     "evaluate": ("seed", "train.rounds", "train.device", "imgnet.encode_batch_size")
-    + _keys("evaluate", "topk precision_at radius heatmap_items collapse_min_distinct"),
+    + _keys("evaluate", "topk precision_at radius heatmap_items example_queries example_topk collapse_min_distinct"),
     "promote": _keys("promote", "metric min_delta")
     + _keys("tracking", "enabled registered_model")
     + ("imgnet.encode_batch_size",),
@@ -376,7 +376,12 @@ def evaluate(
             rows = report.heatmap_rows(
                 cfg.seed, cfg.evaluate.heatmap_items, data.labels[data.train], lab_feats, img_feats
             )
-            report.write_evaluation(tmp, rep, metrics, *rows, to_dict(cfg))
+            ev = cfg.evaluate
+            examples = report.retrieval_examples(
+                codes[data.query], codes[data.database], data.labels[data.query], data.labels[data.database],
+                ev.example_queries, ev.example_topk,
+            )  # fmt: skip
+            report.write_evaluation(tmp, rep, metrics, *rows, to_dict(cfg), examples, data)
             dump_config(cfg, tmp / artifacts.CONFIG)
         labnet_text = f", LabNet label mAP@ALL {metrics['labnet']['label_map_all']:.4f}" if "labnet" in metrics else ""
         log.info("%s: mAP@ALL %.4f, mAP@%d %.4f%s", img.method, rep.map_all, rep.topk, rep.map_topk, labnet_text)

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "seed": 0,
     "bits": 16,
-    "data": {"n_database": 400, "n_train": 200, "n_query": 60, "chunk_size": 128},
+    # data.device cpu: Pillow's resize on any machine, so tests that compare with Pillow hold on a GPU one too
+    "data": {"n_database": 400, "n_train": 200, "n_query": 60, "chunk_size": 128, "device": "cpu"},
     "labnet": {"hidden": 128, "batch_size": 32, "epochs": [2]},
     "imgnet": {"batch_size": 64, "epochs": [2], "encode_batch_size": 256},
     "train": {"rounds": 1, "threads": 1, "loader_workers": 1},

@@ -43,6 +43,8 @@ def test_outputs_of_every_step(run):
         "eval/figures/pr_curve.png",
         "eval/figures/precision_at_n.png",
         "eval/figures/heatmaps.png",
+        "eval/figures/retrieval.png",
+        "eval/figures/retrieval.json",
     ]:
         assert (out / path).is_file(), path
     m = json.loads((out / "eval/metrics.json").read_text())
@@ -183,7 +185,7 @@ def test_html_report_renders_in_headless_chromium(run, tmp_path):
     ]
     dom = subprocess.run(flags + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'id="map-table"' in dom and "map_all" in dom and "labnet.label_map_all" in dom
-    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', dom)) == 3
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', dom)) == 4  # with the retrieval examples
     shot = tmp_path / "shot.png"
     subprocess.run(
         flags + [f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()], capture_output=True, timeout=120

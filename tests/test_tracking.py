@@ -77,6 +77,8 @@ def test_one_parent_run_with_a_nested_run_per_step(tracked, mlflow_server):
     assert ev.data.metrics["collapsed"] == 0.0  # the flag as 0 / 1
     files = {f.path for f in client.list_artifacts(ev.info.run_id, "eval")}
     assert "eval/report.html" in files and "eval/metrics.json" in files
+    figures = {f.path for f in client.list_artifacts(ev.info.run_id, "eval/figures")}
+    assert {"eval/figures/retrieval.png", "eval/figures/retrieval.json"} <= figures
 
 
 def test_artifacts_land_in_the_s3_bucket(tracked, mlflow_server, s3_server):

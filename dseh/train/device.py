@@ -18,17 +18,17 @@ from dseh.errors import DsehError
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU; 'cuda' without a GPU is an error. Under
-    torchrun, 'auto' and 'cuda' mean this process's GPU (LOCAL_RANK)."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU; 'cuda' without a GPU is an error (naming the
+    params `key`). Under torchrun, 'auto' and 'cuda' mean this process's GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise DsehError(f"params key 'train.device': '{name}' is not a device (auto, cpu, cuda or cuda:N)") from None
+        raise DsehError(f"params key '{key}': '{name}' is not a device (auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DsehError(f"params key 'train.device' is '{name}' but no CUDA device is available")
+        raise DsehError(f"params key '{key}' is '{name}' but no CUDA device is available")
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return dev
