@@ -161,15 +161,13 @@ def test_resolve_config_sets_the_params_key_of_each_typed_parameter():
 
 
 def test_multi_node_pipeline_runs_imgnet_as_a_trainer_job(tmp_path, monkeypatch):
-    c = _compile(tmp_path, monkeypatch, "--nodes", "2", "--gpus", "4", "--pvc", "nus", "--trainer-kind", "pytorchjob")
+    c = _compile(tmp_path, monkeypatch, "--nodes", "2", "--gpus", "4", "--pvc", "nus", "--job-namespace", "ml")
     spec, platform = c["spec"], c["platform"]
     tasks = spec["root"]["dag"]["tasks"]
     assert "train-imgnet-job" in tasks and "train-imgnet" not in tasks
     job = tasks["train-imgnet-job"]["inputs"]["parameters"]
     assert job["nodes"]["runtimeValue"]["constant"] == 2 and job["gpus"]["runtimeValue"]["constant"] == 4
-    assert (
-        job["kind"]["runtimeValue"]["constant"] == "pytorchjob" and job["pvc_name"]["runtimeValue"]["constant"] == "nus"
-    )
+    assert job["namespace"]["runtimeValue"]["constant"] == "ml" and job["pvc_name"]["runtimeValue"]["constant"] == "nus"
     assert job["image"]["runtimeValue"]["constant"].endswith("dseh:0.1.0")
     executors = spec["deploymentSpec"]["executors"]
     # the pod that launches and watches the job holds no GPU; LabNet's step gets 4 and runs under torchrun
