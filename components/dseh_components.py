@@ -51,7 +51,7 @@ def train_labnet(
     checkpoint_dir: str = "",
 ):
     """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU. With
-    checkpoint_dir (a folder on the claim) a retry of the step in the same run resumes."""
+    checkpoint_dir (a folder on the claim, or an s3:// prefix) a retry of the step in the same run resumes."""
     from dseh import kube
 
     kube.enter_pipeline_run(run_id)
@@ -77,7 +77,7 @@ def train_imgnet(
     checkpoint_dir: str = "",
 ):
     """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU. With
-    checkpoint_dir (a folder on the claim) a retry of the step in the same run resumes."""
+    checkpoint_dir (a folder on the claim, or an s3:// prefix) a retry of the step in the same run resumes."""
     from dseh import kube
 
     run = kube.enter_pipeline_run(run_id)

@@ -164,6 +164,8 @@ def _cluster(sub) -> None:
         a.add_argument("--cpu-limit", default=POD.cpu)
         a.add_argument("--memory-limit", default=POD.memory)
         a.add_argument("--pvc", default="", help="PersistentVolumeClaim mounted at /data")
+        a.add_argument("--checkpoint-root", default="", metavar="S3_PREFIX",
+                       help="without --pvc: where retried training steps find their checkpoints (s3://bucket/prefix)")  # fmt: skip
         a.add_argument(
             "--enable-caching", action="store_true", help="reuse data steps for the same data_version and config"
         )
@@ -360,7 +362,7 @@ def _pipeline(args) -> None:
     kw = {
         "rounds": args.rounds, "gpus": args.gpus, "nodes": args.nodes,
         "job_namespace": args.job_namespace, "cpu_limit": args.cpu_limit, "memory_limit": args.memory_limit,
-        "pvc_name": args.pvc, "enable_caching": args.enable_caching, "image": args.image,
+        "pvc_name": args.pvc, "checkpoint_root": args.checkpoint_root, "enable_caching": args.enable_caching, "image": args.image,
         "accelerator_type": args.accelerator_type, "gpu_prepare": not args.no_gpu_prepare,
         "placement": (args.toleration, args.node_selector),
     }  # fmt: skip

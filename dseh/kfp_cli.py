@@ -18,7 +18,7 @@ import yaml
 
 from dseh.config import load_config
 from dseh.errors import DsehError
-from dseh.pipeline_params import PARAMS, Placement
+from dseh.pipeline_params import PARAMS, TYPED, Placement, overrides_for
 
 POLL_S = 15.0  # how often `submit --wait` asks for the run's state
 WAIT_S = 7 * 24 * 3600.0  # how long it waits at most
@@ -153,6 +153,18 @@ def run_arguments(sets: list[str]) -> dict:
     return params
 
 
+def with_data_version(params_path: str, arguments: dict, root: str | Path = ".") -> dict:
+    """The run's arguments with `data_version` computed (dseh.data_version) from the data the run will
+    read (params.yaml with the run's parameters and overrides) when it was not given."""
+    from dseh.data_version import data_version
+
+    if arguments.get("data_version"):
+        return arguments
+    typed = {p.name: arguments.get(p.name, p.default) for p in TYPED}
+    cfg = load_config(params_path, overrides_for(typed) + arguments.get("overrides", "").split())
+    return {**arguments, "data_version": data_version(cfg.data, root)}
+
+
 def _client(where: Endpoint):
     import kfp
 
@@ -232,12 +244,14 @@ def submit(
 ) -> dict:
     """Create the experiment if needed, upload or version the pipeline, create a run of that version.
     Caching is the compiled pipeline's, task by task (--enable-caching: the data steps only); kfp's
-    run-level enable_caching would override every task, resolve-config and promote included."""
+    run-level enable_caching would override every task, resolve-config and promote included. The
+    run's data_version is computed from its data unless given (with_data_version)."""
+    arguments = with_data_version(params_path, run_arguments(sets), Path(params_path).parent)
     with _published(where, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
         run = client.run_pipeline(
             experiment_id=exp.experiment_id,
             job_name=run_name or unique_run_name(pipeline_name),
-            params=run_arguments(sets),
+            params=arguments,
             pipeline_id=pid,
             version_id=vid,
         )
@@ -249,6 +263,7 @@ def submit(
             "experiment": experiment,
             "pipeline_id": pid,
             "pipeline_version_id": vid,
+            "data_version": arguments["data_version"],
         }
         if wait:
             info["state"] = wait_for_run(client, run.run_id, url)
@@ -267,7 +282,13 @@ def schedule(
     **kw,
 ) -> dict:
     """A recurring run of the uploaded, versioned pipeline (the version this package is); missed
-    intervals are not run afterwards unless `catchup`."""
+    intervals are not run afterwards unless `catchup`. Its runs read data that changes between them,
+    so no data_version is computed once here: with caching on, one must be given."""
+    if kw.get("enable_caching") and not run_arguments(sets).get("data_version"):
+        raise DsehError(
+            "a schedule with --enable-caching needs -S data_version=...: its runs would otherwise share the "
+            "one computed now and reuse the steps of data that has since changed"
+        )
     with _published(where, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,

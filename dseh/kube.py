@@ -91,7 +91,8 @@ def _env(opts: JobOptions) -> list[dict]:
         env.append({"name": PIPELINE_ENV, "value": os.environ[PIPELINE_ENV]})
     for kind, secret in (("s3", opts.s3_secret), ("mlflow", opts.mlflow_secret)):
         for key in SECRET_KEYS[kind]:
-            ref = {"name": secret, "key": key, "optional": True}
+            # as in the pipeline's steps: the tracking URI is required (no throw-away store in a pod)
+            ref = {"name": secret, "key": key, "optional": key != "MLFLOW_TRACKING_URI"}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     return env
 
@@ -311,33 +312,36 @@ def run_training_step(
     """A training step (train-labnet or train-imgnet) from resolved params text, as a Kubeflow
     component runs it: in this process for one GPU, else data-parallel under torchrun with one
     process per GPU (rank 0 writes the output). Returns the step's summary. With `checkpoint_dir`
-    (a folder that outlives the pod, on the claim) the resume checkpoint lives there, keyed by the
-    pipeline run, step and round (artifacts.durable_checkpoint): a retried step resumes."""
+    (a folder on the claim, or an s3:// prefix, that outlives the pod) the resume checkpoint lives
+    there, keyed by the pipeline run, step and round (dseh.durable): a retried step resumes."""
     import tempfile
+    from contextlib import nullcontext
 
-    from dseh import stages
+    from dseh import durable, stages
     from dseh.config import from_yaml_text
 
     cfg = from_yaml_text(config_text)
-    ckpt = None
+    durable_ckpt = nullcontext(None)
     if checkpoint_dir:
-        ckpt = artifacts.durable_checkpoint(checkpoint_dir, env_pipeline_run(), step, round_index)
-        log.info("%s round %d: resume checkpoint at %s", step, round_index, ckpt)
-    if gpus <= 1:
-        if step == "train-labnet":
-            return stages.train_labnet(
-                cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False, checkpoint=ckpt
+        where = durable.checkpoint_location(checkpoint_dir, env_pipeline_run(), step, round_index)
+        log.info("%s round %d: resume checkpoint at %s", step, round_index, where)
+        durable_ckpt = durable.local_checkpoint(where)
+    with durable_ckpt as ckpt:
+        if gpus <= 1:
+            if step == "train-labnet":
+                return stages.train_labnet(
+                    cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False, checkpoint=ckpt
+                )
+            return stages.train_imgnet(
+                cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False, checkpoint=ckpt
             )
-        return stages.train_imgnet(
-            cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False, checkpoint=ckpt
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        params = Path(tmp) / "params.yaml"
-        params.write_text(config_text)
-        args = [step, "--params", str(params), "--round", str(round_index), "--data", str(data_dir), "-q"]
-        pairs = (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet))
-        for flag, path in (*pairs, ("--checkpoint", ckpt)):
-            if path:
-                args += [flag, str(path)]
-        run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)
+        with tempfile.TemporaryDirectory() as tmp:
+            params = Path(tmp) / "params.yaml"
+            params.write_text(config_text)
+            args = [step, "--params", str(params), "--round", str(round_index), "--data", str(data_dir), "-q"]
+            pairs = (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet))
+            for flag, path in (*pairs, ("--checkpoint", ckpt)):
+                if path:
+                    args += [flag, str(path)]
+            run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)
     return artifacts.read_json(Path(out_dir) / artifacts.SUMMARY)

@@ -45,6 +45,7 @@ class PipelineOptions:
     retries: int = 2
     pvc_name: str = ""  # mount this PersistentVolumeClaim at /data in every data step (large image sets)
     enable_caching: bool = False  # data steps reuse results for the same data_version and config only
+    checkpoint_root: str = ""  # s3://bucket/prefix: the training steps' resume checkpoints when there is no claim
 
 
 def place_gpus(task, opts: PipelineOptions, gpus: int):
@@ -83,6 +84,10 @@ def build_pipeline(opts: PipelineOptions):
     """The @dsl.pipeline function for these options."""
     if opts.nodes > 1 and not opts.pvc_name:
         raise DsehError("--nodes > 1 needs --pvc: the Trainer job's nodes share the inputs and output on it")
+    if opts.checkpoint_root and not opts.checkpoint_root.startswith("s3://"):
+        raise DsehError(
+            f"--checkpoint-root {opts.checkpoint_root}: give an s3://bucket/prefix (the pipeline root's bucket)"
+        )
     comp = c.on_image(opts.image)
 
     def step(task, p: dict, gpus: int = 0, cache: bool | None = None):
@@ -117,8 +122,9 @@ def build_pipeline(opts: PipelineOptions):
         run = {"config": cfg.output, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         prep = step(comp.prepare(data_version=p["data_version"], **run), p, 1 if opts.gpu_prepare else 0)
         data = prep.outputs["data"]
-        # a retried training step (a new pod) resumes from its checkpoint on the claim
-        ckpt = {"checkpoint_dir": CHECKPOINT_DIR} if opts.pvc_name else {}
+        # a retried training step (a new pod) resumes from its checkpoint on the claim, else on S3
+        root = CHECKPOINT_DIR if opts.pvc_name else opts.checkpoint_root
+        ckpt = {"checkpoint_dir": root} if root else {}
         lab = img = None
         for r in range(opts.rounds):
             common = dict(data_version=p["data_version"], round_index=r, data=data, **run)

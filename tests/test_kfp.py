@@ -112,6 +112,20 @@ SAMPLES = {
 }
 
 
+def test_without_a_claim_the_checkpoints_go_to_the_s3_root_given(tmp_path, monkeypatch, capsys):
+    c = _compile(tmp_path, monkeypatch, "--rounds", "2", "--checkpoint-root", "s3://mlpipeline/dseh-checkpoints")
+    tasks = c["spec"]["root"]["dag"]["tasks"]
+    for task in ("train-labnet", "train-imgnet", "train-labnet-2", "train-imgnet-2"):
+        ckpt = tasks[task]["inputs"]["parameters"]["checkpoint_dir"]["runtimeValue"]["constant"]
+        assert ckpt == "s3://mlpipeline/dseh-checkpoints", task
+    plain = _compile(tmp_path, monkeypatch)  # neither: a retry starts over
+    assert "checkpoint_dir" not in plain["spec"]["root"]["dag"]["tasks"]["train-labnet"]["inputs"]["parameters"]
+    out = tmp_path / "bad.yaml"
+    args = ["pipeline", "compile", "--params", str(REPO / "params.yaml"), "-o", str(out), "--checkpoint-root", "/tmp/x"]
+    assert main(args) == 2 and not out.exists()
+    assert "give an s3://bucket/prefix" in capsys.readouterr().err
+
+
 def test_pipeline_parameters_are_the_table(tmp_path, monkeypatch):
     spec = _compile(tmp_path, monkeypatch)["spec"]
     root = spec["root"]["inputDefinitions"]["parameters"]

@@ -9,14 +9,15 @@ import json
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
 import yaml
 
-from dseh import kube, kube_jobs
+from dseh import kube, kube_jobs, storage
 from dseh.cli import main
-from dseh.errors import DsehError
+from dseh.errors import DsehError, MissingObject
 from dseh.pipeline_params import POD
 from tests.helpers import LEARNING, REPO, tiny_raw
 from tests.k8s_fake import FakeKubernetes
@@ -53,6 +54,8 @@ def test_trainjob_manifest_runs_the_step_under_torchrun_on_every_node(monkeypatc
     # credentials only as references to Secrets; no value from this environment is in the manifest
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in t["env"] if "valueFrom" in e}
     assert refs["AWS_SECRET_ACCESS_KEY"] == "dseh-s3" and refs["MLFLOW_TRACKING_URI"] == "dseh-mlflow"
+    required = [e["name"] for e in t["env"] if "valueFrom" in e and not e["valueFrom"]["secretKeyRef"]["optional"]]
+    assert required == ["MLFLOW_TRACKING_URI"]  # a missing Secret stops the node's pod, naming it
     assert "do-not-leak-me" not in json.dumps(m)
     # volumes, mounts and placement: one runtime patch of the runtime's `node` job and container
     assert "podTemplateOverrides" not in spec and spec["activeDeadlineSeconds"] == 24 * 3600
@@ -269,3 +272,56 @@ def test_a_retried_training_step_resumes_from_its_checkpoint_dir(tmp_path, monke
     step(tmp_path / "whole/imgnet", None)
     resumed, whole = (np.load(tmp_path / d / "imgnet/codes.npy") for d in ("pod2", "whole"))
     assert np.array_equal(resumed, whole)
+
+
+def _wait_for_object(uri: str, timeout_s: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return storage.etag(uri)
+        except MissingObject:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_without_a_claim_a_retried_step_resumes_from_its_checkpoint_on_s3(tmp_path, monkeypatch, caplog, s3_env):
+    """The checkpoint in pod scratch is mirrored to S3 while the step trains (a thread, every few
+    seconds, and at the end); a retry in a new pod fetches it and resumes; success removes it."""
+    from dseh import durable, stages
+
+    cfg, root = _prepared_with_labnet(tmp_path)
+    monkeypatch.setenv("DSEH_PIPELINE_RUN", "run-9")
+    monkeypatch.setattr(durable, "MIRROR_S", 0.05)
+    s3_env.client().create_bucket(Bucket="dseh-pipeline-root")
+    prefix = "s3://dseh-pipeline-root/dseh-checkpoints"
+    where = durable.checkpoint_location(prefix, "run-9", "train-imgnet", 0)
+    assert where == f"{prefix}/run-9/train-imgnet-round0.ckpt.pt"
+    real = stages.run_phase
+    uploaded = []
+
+    def killed_after_epoch_two(phase, train_cfg, checkpoint, fp, progress=True, on_epoch=None):
+        def hook(row):
+            if row["epoch"] == 1:  # the mirror sends the first epoch's checkpoint while training goes on
+                uploaded.append(_wait_for_object(where))
+            if row["epoch"] >= 2:
+                raise DsehError("pod killed")
+
+        return real(phase, train_cfg, checkpoint, fp, progress, hook)
+
+    def step(out):
+        return kube.run_training_step(
+            "train-imgnet", cfg, 0, 1, root / "data", out, labnet=root / "labnet/round0", checkpoint_dir=prefix
+        )
+
+    with monkeypatch.context() as m:
+        m.setattr(stages, "run_phase", killed_after_epoch_two)
+        with pytest.raises(DsehError, match="pod killed"):
+            step(tmp_path / "pod1/imgnet")
+    assert uploaded and storage.etag(where) != uploaded[0]  # mirrored after epoch 1, and again at the end
+    caplog.set_level("INFO")
+    summary = step(tmp_path / "pod2/imgnet")
+    assert "resuming after epoch 2" in caplog.text and summary["epochs"] == LEARNING["imgnet"]["epochs"][0]
+    with pytest.raises(MissingObject):
+        storage.etag(where)  # removed once the step's output is written
+    # (that a resumed step ends with the codes of an uninterrupted one: the claim's test above)
