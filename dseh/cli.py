@@ -183,7 +183,8 @@ def _cluster(sub) -> None:
         if action in ("submit", "schedule"):
             a.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
             a.add_argument("--experiment", default="dseh")
-            a.add_argument("--namespace", help="the Kubeflow profile namespace (multi-user Kubeflow)")
+            a.add_argument("--namespace", help="Kubeflow profile namespace (multi-user); credentials from the environment: "
+                           "DSEH_KFP_TOKEN, KF_PIPELINES_SA_TOKEN_PATH or DSEH_KFP_COOKIES")  # fmt: skip
             a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the KFP API to answer")
         if action == "submit":
             a.add_argument("--wait", action="store_true", help="wait for the run to finish")
