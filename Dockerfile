@@ -1,7 +1,15 @@
 # The one image every pipeline step runs in: CUDA PyTorch base + dseh and its pinned dependencies.
-# Build: docker build -t REGISTRY/dseh:0.1.0 .   (or scripts/build_image.sh with buildah)
+# Build: scripts/build_image.sh (buildah), or
+#   docker build --build-arg BASE_DIGEST="$(skopeo inspect --format '{{.Digest}}' docker://BASE_IMAGE)" -t REGISTRY/dseh:0.1.0 .
+# The base is pinned by digest: BASE_DIGEST (sha256:...) has no default, and without it the FROM
+# line is not a valid reference, so no build runs on whatever the tag points to that day.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
-FROM ${BASE_IMAGE}
+ARG BASE_DIGEST
+FROM ${BASE_IMAGE}@${BASE_DIGEST}
+ARG BASE_IMAGE
+ARG BASE_DIGEST
+LABEL org.opencontainers.image.base.name="${BASE_IMAGE}" \
+      org.opencontainers.image.base.digest="${BASE_DIGEST}"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

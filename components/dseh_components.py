@@ -51,7 +51,7 @@ def train_labnet(
     checkpoint_dir: str = "",
 ):
     """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU. With
-    checkpoint_dir (a folder on the claim) a retry of the step in the same run resumes."""
+    checkpoint_dir (a folder on the claim, or an s3:// prefix) a retry of the step in the same run resumes."""
     from dseh import kube
 
     kube.enter_pipeline_run(run_id)
@@ -77,7 +77,7 @@ def train_imgnet(
     checkpoint_dir: str = "",
 ):
     """With gpus > 1 the step runs data-parallel under torchrun, one process per GPU. With
-    checkpoint_dir (a folder on the claim) a retry of the step in the same run resumes."""
+    checkpoint_dir (a folder on the claim, or an s3:// prefix) a retry of the step in the same run resumes."""
     from dseh import kube
 
     run = kube.enter_pipeline_run(run_id)
@@ -101,7 +101,6 @@ def train_imgnet_job(
     image: str,
     nodes: int,
     gpus: int,
-    kind: str,
     pvc_name: str,
     namespace: str,
     s3_secret: str,
@@ -112,8 +111,9 @@ def train_imgnet_job(
     prev_imgnet: Input[Model] = None,
     run_id: str = "",
 ):
-    """The ImgNet step over several nodes: a Kubeflow Trainer job (TrainJob or PyTorchJob) on the
-    same image runs it under torchrun; this pod stages the inputs on the shared volume and waits."""
+    """The ImgNet step over several nodes: a Kubeflow Trainer job (TrainJob) on the same image runs it
+    under torchrun; this pod stages the inputs on the shared volume, copies the job's log to its own
+    and waits. The job runs in `namespace`, else in this pod's (and is then owned by this pod)."""
     from dseh import kube
     from dseh.pipeline_params import Placement
 
@@ -121,8 +121,9 @@ def train_imgnet_job(
     # one job per pipeline run, round and attempt (this pod): a retried step starts a job of its own
     # instead of watching again the one that failed
     name = kube.job_name(f"dseh-imgnet-r{round_index}", run, kube.attempt_id())
+    namespace, owner = kube.job_namespace(namespace)
     opts = kube.JobOptions(
-        name=name, image=image, nodes=nodes, gpus_per_node=gpus, kind=kind, namespace=namespace,
+        name=name, image=image, nodes=nodes, gpus_per_node=gpus, namespace=namespace, owner=owner,
         pvc_name=pvc_name, s3_secret=s3_secret, mlflow_secret=mlflow_secret, gpu_resource=gpu_resource,
         placement=Placement(tuple(tolerations), dict(node_selector)), labels=kube.run_labels(run, round_index),
     )  # fmt: skip

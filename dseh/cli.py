@@ -160,11 +160,12 @@ def _cluster(sub) -> None:
         a.add_argument("--rounds", type=int, help="rounds to unroll (default: train.rounds)")
         a.add_argument("--gpus", type=int, default=1, help="GPUs per training/evaluation pod; >1 trains under torchrun")
         a.add_argument("--nodes", type=int, default=1, help=">1: ImgNet runs as a Kubeflow Trainer job (needs --pvc)")
-        a.add_argument("--trainer-kind", choices=["trainjob", "pytorchjob"], default="trainjob")
-        a.add_argument("--namespace", default="kubeflow", help="namespace of the Trainer job")
+        a.add_argument("--job-namespace", default="", help="namespace of the Trainer job (default: the step's own)")
         a.add_argument("--cpu-limit", default=POD.cpu)
         a.add_argument("--memory-limit", default=POD.memory)
         a.add_argument("--pvc", default="", help="PersistentVolumeClaim mounted at /data")
+        a.add_argument("--checkpoint-root", default="", metavar="S3_PREFIX",
+                       help="without --pvc: where retried training steps find their checkpoints (s3://bucket/prefix)")  # fmt: skip
         a.add_argument(
             "--enable-caching", action="store_true", help="reuse data steps for the same data_version and config"
         )
@@ -182,6 +183,8 @@ def _cluster(sub) -> None:
         if action in ("submit", "schedule"):
             a.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
             a.add_argument("--experiment", default="dseh")
+            a.add_argument("--namespace", help="Kubeflow profile namespace (multi-user); credentials from the environment: "
+                           "DSEH_KFP_TOKEN, KF_PIPELINES_SA_TOKEN_PATH or DSEH_KFP_COOKIES")  # fmt: skip
             a.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the KFP API to answer")
         if action == "submit":
             a.add_argument("--wait", action="store_true", help="wait for the run to finish")
@@ -192,7 +195,6 @@ def _cluster(sub) -> None:
             a.add_argument("--catchup", action="store_true", help="run the intervals missed while paused, too")
 
     p = sub.add_parser("job-manifest", help="print the Kubeflow Trainer job that runs a dseh step under torchrun")
-    p.add_argument("--kind", choices=["trainjob", "pytorchjob"], default="trainjob")
     p.add_argument("--name", default="dseh-train-imgnet")
     p.add_argument("--image", required=True)
     p.add_argument("--nodes", type=int, default=2)
@@ -359,9 +361,9 @@ def _pipeline(args) -> None:
     from dseh import kfp_cli
 
     kw = {
-        "rounds": args.rounds, "gpus": args.gpus, "nodes": args.nodes, "trainer_kind": args.trainer_kind,
-        "namespace": args.namespace, "cpu_limit": args.cpu_limit, "memory_limit": args.memory_limit,
-        "pvc_name": args.pvc, "enable_caching": args.enable_caching, "image": args.image,
+        "rounds": args.rounds, "gpus": args.gpus, "nodes": args.nodes,
+        "job_namespace": args.job_namespace, "cpu_limit": args.cpu_limit, "memory_limit": args.memory_limit,
+        "pvc_name": args.pvc, "checkpoint_root": args.checkpoint_root, "enable_caching": args.enable_caching, "image": args.image,
         "accelerator_type": args.accelerator_type, "gpu_prepare": not args.no_gpu_prepare,
         "placement": (args.toleration, args.node_selector),
     }  # fmt: skip
@@ -369,14 +371,13 @@ def _pipeline(args) -> None:
         print(f"wrote {kfp_cli.compile_pipeline(args.params, args.output, **kw)}")
         return
     if args.action == "submit":
-        out = kfp_cli.submit(
-            args.host, args.params, args.experiment, args.overrides, args.wait, args.timeout, args.run_name, **kw
-        )
+        where = kfp_cli.Endpoint(args.host, args.timeout, args.namespace)
+        out = kfp_cli.submit(where, args.params, args.experiment, args.overrides, args.wait, args.run_name, **kw)
     elif args.action == "schedule":
+        where = kfp_cli.Endpoint(args.host, args.timeout, args.namespace)
         out = kfp_cli.schedule(
-            args.host, args.params, args.experiment, args.cron, args.overrides, args.timeout, args.name,
-            args.catchup, **kw,
-        )  # fmt: skip
+            where, args.params, args.experiment, args.cron, args.overrides, args.name, args.catchup, **kw
+        )
     else:
         out = kfp_cli.run_local(args.params, args.overrides, **kw)
     print(json.dumps(out, indent=2))
@@ -391,7 +392,7 @@ def _job_manifest(args) -> None:
     if not step:
         raise DsehError("give the dseh step to run after --, e.g. -- train-imgnet --params /data/params.yaml")
     opts = kube.JobOptions(
-        name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus, kind=args.kind,
+        name=args.name, image=args.image, nodes=args.nodes, gpus_per_node=args.gpus,
         namespace=args.namespace, pvc_name=args.pvc, mount_path=args.mount,
     )  # fmt: skip
     print(yaml.safe_dump(kube.job_manifest(opts, step), sort_keys=False), end="")

@@ -11,17 +11,48 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from dseh.config import load_config
 from dseh.errors import DsehError
-from dseh.pipeline_params import PARAMS, Placement
+from dseh.pipeline_params import PARAMS, TYPED, Placement, overrides_for
 
 POLL_S = 15.0  # how often `submit --wait` asks for the run's state
 WAIT_S = 7 * 24 * 3600.0  # how long it waits at most
 FINAL = ("SUCCEEDED", "FAILED", "ERROR", "CANCELED", "SKIPPED")  # the run states that end a run
+TOKEN_ENV = "DSEH_KFP_TOKEN"  # a bearer token for the KFP API (e.g. `kubectl create token ...`)
+TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # a file holding one (kfp's name: a projected SA token in a pod)
+COOKIES_ENV = "DSEH_KFP_COOKIES"  # a Cookie header for the KFP API (e.g. authservice_session=... of a Dex login)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a KFP API is and how long it may take to answer; `namespace` is the Kubeflow profile
+    (multi-user Kubeflow) the experiment and runs belong to. Credentials come from the environment
+    only (TOKEN_ENV, TOKEN_PATH_ENV, COOKIES_ENV), never from the command line, and are never logged."""
+
+    host: str
+    timeout_s: float = 10.0
+    namespace: str | None = None
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(bearer token, cookies) from the environment; a token file that cannot be read is an error."""
+        token = os.environ.get(TOKEN_ENV) or None
+        path = os.environ.get(TOKEN_PATH_ENV)
+        if not token and path:
+            try:
+                token = Path(path).read_text().strip() or None
+            except OSError as exc:
+                raise DsehError(f"{TOKEN_PATH_ENV}={path}: the token file cannot be read ({exc.strerror})") from None
+        return token, os.environ.get(COOKIES_ENV) or None
+
+    def headers(self) -> dict[str, str]:
+        """The credentials as HTTP headers, the way kfp.Client sends them."""
+        token, cookies = self.credentials()
+        return {**({"Authorization": f"Bearer {token}"} if token else {}), **({"Cookie": cookies} if cookies else {})}
 
 
 def _options(params_path: str, rounds: int | None, image: str | None = None, placement=(), **kw):
@@ -69,14 +100,19 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def check_host(host: str, timeout_s: float) -> None:
-    """The KFP API must answer its health check within timeout_s (kfp.Client itself retries for ~25 s),
-    with JSON: a redirect to a login page (or a page of HTML) means the endpoint wants credentials."""
+def check_host(where: Endpoint) -> None:
+    """The KFP API must answer its health check within the endpoint's timeout (kfp.Client itself
+    retries for ~25 s), with JSON: a redirect to a login page (or a page of HTML) means the endpoint
+    wants credentials, or other ones than those given."""
+    host, timeout_s = where.host, where.timeout_s
     url = host.rstrip("/") + "/apis/v2beta1/healthz"
     auth = f"Kubeflow Pipelines at {host}: authentication required"
+    if where.headers():
+        auth += f" (the credentials given in {TOKEN_ENV}, {TOKEN_PATH_ENV} or {COOKIES_ENV} were not accepted)"
     redirects = _Redirects()
     try:
-        with urllib.request.build_opener(redirects).open(url, timeout=timeout_s) as resp:
+        request = urllib.request.Request(url, headers=where.headers())
+        with urllib.request.build_opener(redirects).open(request, timeout=timeout_s) as resp:
             kind, body = resp.headers.get_content_type(), resp.read(65536)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403) or 300 <= exc.code < 400:
@@ -117,11 +153,24 @@ def run_arguments(sets: list[str]) -> dict:
     return params
 
 
-def _client(host: str, timeout_s: float):
+def with_data_version(params_path: str, arguments: dict, root: str | Path = ".") -> dict:
+    """The run's arguments with `data_version` computed (dseh.data_version) from the data the run will
+    read (params.yaml with the run's parameters and overrides) when it was not given."""
+    from dseh.data_version import data_version
+
+    if arguments.get("data_version"):
+        return arguments
+    typed = {p.name: arguments.get(p.name, p.default) for p in TYPED}
+    cfg = load_config(params_path, overrides_for(typed) + arguments.get("overrides", "").split())
+    return {**arguments, "data_version": data_version(cfg.data, root)}
+
+
+def _client(where: Endpoint):
     import kfp
 
-    check_host(host, timeout_s)
-    return kfp.Client(host=host)
+    check_host(where)
+    token, cookies = where.credentials()
+    return kfp.Client(host=where.host, namespace=where.namespace or "kubeflow", existing_token=token, cookies=cookies)
 
 
 def _upload(client, package: Path, name: str) -> tuple[str, str]:
@@ -142,17 +191,19 @@ def _upload(client, package: Path, name: str) -> tuple[str, str]:
 
 
 @contextmanager
-def _published(host: str, timeout_s: float, experiment: str, params_path: str, pipeline_name: str, kw: dict):
+def _published(where: Endpoint, experiment: str, params_path: str, pipeline_name: str, kw: dict):
     """(kfp.Client, the experiment, (pipeline id, version id)): the pipeline compiled here (options
-    and image checked before the cluster is asked anything), then uploaded or versioned on it. What
-    the KFP API refuses, here or in the block, is one error with its answer."""
+    and image checked before the cluster is asked anything), then uploaded or versioned on it (a
+    shared pipeline); the experiment in the endpoint's namespace. What the KFP API refuses, here or
+    in the block, is one error with its answer."""
     from kfp_server_api.exceptions import ApiException
 
+    host = where.host
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(params_path, str(Path(tmp) / "dseh_pipeline.yaml"), **kw)
-        client = _client(host, timeout_s)
+        client = _client(where)
         try:
-            exp = client.create_experiment(experiment)
+            exp = client.create_experiment(experiment, namespace=where.namespace)
             yield client, exp, _upload(client, package, pipeline_name)
         except ApiException as exc:
             body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
@@ -182,28 +233,29 @@ def wait_for_run(client, run_id: str, url: str, timeout_s: float = WAIT_S) -> st
 
 
 def submit(
-    host: str,
+    where: Endpoint,
     params_path: str,
     experiment: str,
     sets: list[str],
     wait: bool,
-    timeout_s: float,
     run_name: str | None = None,
     pipeline_name: str = "dseh",
     **kw,
 ) -> dict:
     """Create the experiment if needed, upload or version the pipeline, create a run of that version.
     Caching is the compiled pipeline's, task by task (--enable-caching: the data steps only); kfp's
-    run-level enable_caching would override every task, resolve-config and promote included."""
-    with _published(host, timeout_s, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
+    run-level enable_caching would override every task, resolve-config and promote included. The
+    run's data_version is computed from its data unless given (with_data_version)."""
+    arguments = with_data_version(params_path, run_arguments(sets), Path(params_path).parent)
+    with _published(where, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
         run = client.run_pipeline(
             experiment_id=exp.experiment_id,
             job_name=run_name or unique_run_name(pipeline_name),
-            params=run_arguments(sets),
+            params=arguments,
             pipeline_id=pid,
             version_id=vid,
         )
-        url = f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
+        url = f"{where.host.rstrip('/')}/#/runs/details/{run.run_id}"
         info = {
             "run_id": run.run_id,
             "run_name": run.display_name,
@@ -211,6 +263,7 @@ def submit(
             "experiment": experiment,
             "pipeline_id": pid,
             "pipeline_version_id": vid,
+            "data_version": arguments["data_version"],
         }
         if wait:
             info["state"] = wait_for_run(client, run.run_id, url)
@@ -218,20 +271,25 @@ def submit(
 
 
 def schedule(
-    host: str,
+    where: Endpoint,
     params_path: str,
     experiment: str,
     cron: str,
     sets: list[str],
-    timeout_s: float,
     name: str = "dseh-scheduled",
     catchup: bool = False,
     pipeline_name: str = "dseh",
     **kw,
 ) -> dict:
     """A recurring run of the uploaded, versioned pipeline (the version this package is); missed
-    intervals are not run afterwards unless `catchup`."""
-    with _published(host, timeout_s, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
+    intervals are not run afterwards unless `catchup`. Its runs read data that changes between them,
+    so no data_version is computed once here: with caching on, one must be given."""
+    if kw.get("enable_caching") and not run_arguments(sets).get("data_version"):
+        raise DsehError(
+            "a schedule with --enable-caching needs -S data_version=...: its runs would otherwise share the "
+            "one computed now and reuse the steps of data that has since changed"
+        )
+    with _published(where, experiment, params_path, pipeline_name, kw) as (client, exp, (pid, vid)):
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=name,

@@ -1,7 +1,7 @@
 """Training on more than one GPU: a step run under torchrun in this pod (one node, N GPUs), or as a
-Kubeflow Trainer job over several nodes (TrainJob, trainer.kubeflow.org/v1alpha1; or PyTorchJob,
-kubeflow.org/v1, for clusters with the older Training Operator), with the manifest generated from
-the options here and the job created and watched through the Kubernetes API.
+Kubeflow Trainer job over several nodes (TrainJob, trainer.kubeflow.org/v1alpha1, checked against the
+models of kubeflow-trainer-api), with the manifest generated from the options here and the job run
+through the Kubernetes API by dseh.kube_jobs.
 
 Every node runs the project image with the same command, `torchrun ... -m dseh <step> ...`, on a
 shared volume (a PersistentVolumeClaim) that holds the resolved params, the inputs and the output.
@@ -21,20 +21,18 @@ from pathlib import Path
 
 from dseh import artifacts
 from dseh.errors import DsehError
+from dseh.kube_jobs import DEADLINE_S, TRAINJOB, owner_reference, submit_and_wait
 from dseh.pipeline_params import CHECKPOINTS, POD, POD_NAME_ENV, Placement
 from dseh.tracking import PIPELINE_ENV
 
 log = logging.getLogger(__name__)
 
-TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
-PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
 SECRET_KEYS = {
     "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"),
     "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
 }
 PLACEHOLDER = "{{$."  # a KFP placeholder the backend left unresolved
 PATCH_MANAGER = "dseh"  # the owner of the TrainJob's runtime patch (TrainerV1alpha1RuntimePatch.manager)
-DEADLINE_S = 24 * 3600  # a job's activeDeadlineSeconds, and how long its step waits for it
 
 
 def torchrun_args(nodes: int, nproc_per_node: int) -> list[str]:
@@ -71,7 +69,6 @@ class JobOptions:
     image: str
     nodes: int = 2
     gpus_per_node: int = 1
-    kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob (Training Operator v1)
     namespace: str = "kubeflow"
     runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
     pvc_name: str = ""  # the shared volume every node mounts at `mount_path`
@@ -85,6 +82,7 @@ class JobOptions:
     mlflow_secret: str = "dseh-mlflow"
     labels: tuple[tuple[str, str], ...] = ()  # more labels of the job (its pipeline run and round)
     active_deadline_s: int = DEADLINE_S  # the cluster fails the job after this long (activeDeadlineSeconds)
+    owner: dict | None = None  # an ownerReference (the launching pod): the job is deleted with its owner
 
 
 def _env(opts: JobOptions) -> list[dict]:
@@ -93,7 +91,8 @@ def _env(opts: JobOptions) -> list[dict]:
         env.append({"name": PIPELINE_ENV, "value": os.environ[PIPELINE_ENV]})
     for kind, secret in (("s3", opts.s3_secret), ("mlflow", opts.mlflow_secret)):
         for key in SECRET_KEYS[kind]:
-            ref = {"name": secret, "key": key, "optional": True}
+            # as in the pipeline's steps: the tracking URI is required (no throw-away store in a pod)
+            ref = {"name": secret, "key": key, "optional": key != "MLFLOW_TRACKING_URI"}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     return env
 
@@ -179,10 +178,7 @@ def check_trainjob(manifest: dict) -> dict:
 
 
 def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
-    """The TrainJob or PyTorchJob that runs `torchrun ... -m dseh <step_args>` on every node. The
-    PyTorchJob stays for clusters still on the Training Operator v1, where TrainJob does not exist."""
-    if opts.kind not in ("trainjob", "pytorchjob"):
-        raise DsehError(f"unknown trainer job kind '{opts.kind}': trainjob or pytorchjob")
+    """The TrainJob that runs `torchrun ... -m dseh <step_args>` on every node, owned by opts.owner."""
     if opts.nodes > 1 and not opts.pvc_name:
         raise DsehError("a training job over several nodes needs a shared volume: give a PersistentVolumeClaim")
     if opts.active_deadline_s < 1:
@@ -195,122 +191,32 @@ def job_manifest(opts: JobOptions, step_args: list[str]) -> dict:
     volumes, mounts = _volumes(opts)
     labels = {"app.kubernetes.io/part-of": "dseh", **dict(opts.labels)}
     meta = {"name": opts.name, "namespace": opts.namespace, "labels": labels}
-    if opts.kind == "trainjob":
-        group, version, _ = TRAINJOB
-        return check_trainjob(
-            {
-                "apiVersion": f"{group}/{version}",
-                "kind": "TrainJob",
-                "metadata": meta,
-                "spec": _trainjob_spec(opts, command, resources, volumes, mounts),
-            }
-        )
-    group, version, _ = PYTORCHJOB
-
-    def replica(count: int) -> dict:
-        container = {
-            "name": "pytorch",  # the name the Training Operator looks for
-            "image": opts.image,
-            "command": command,
-            "resources": resources,
-            "env": _env(opts),
-            "volumeMounts": mounts,
+    if opts.owner:
+        meta["ownerReferences"] = [dict(opts.owner)]
+    group, version, _ = TRAINJOB
+    return check_trainjob(
+        {
+            "apiVersion": f"{group}/{version}",
+            "kind": "TrainJob",
+            "metadata": meta,
+            "spec": _trainjob_spec(opts, command, resources, volumes, mounts),
         }
-        return {
-            "replicas": count,
-            "restartPolicy": "Never",
-            "template": {"spec": {"containers": [container], "volumes": volumes, **_scheduling(opts)}},
-        }
-
-    specs = {"Master": replica(1)}
-    if opts.nodes > 1:
-        specs["Worker"] = replica(opts.nodes - 1)
-    return {
-        "apiVersion": f"{group}/{version}",
-        "kind": "PyTorchJob",
-        "metadata": meta,
-        "spec": {
-            "nprocPerNode": str(opts.gpus_per_node),
-            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"},
-            "pytorchReplicaSpecs": specs,
-        },
-    }
+    )
 
 
-def job_state(manifest: dict, status: dict | None) -> str:
-    """'succeeded', 'failed' or 'running' from a TrainJob's or PyTorchJob's status conditions."""
-    done = {"TrainJob": ("Complete", "Failed"), "PyTorchJob": ("Succeeded", "Failed")}[manifest["kind"]]
-    for cond in (status or {}).get("conditions", []):
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") == done[0]:
-            return "succeeded"
-        if cond.get("type") == done[1]:
-            return "failed"
-    return "running"
-
-
-def _api(host: str | None = None):
-    """CustomObjectsApi: in-cluster credentials in a pod, else the local kubeconfig; `host` for a
-    given API server (tests use a loopback one)."""
-    from kubernetes import client, config
-
-    if host:
-        cfg = client.Configuration()
-        cfg.host = host
-        return client.CustomObjectsApi(client.ApiClient(cfg))
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except (config.ConfigException, FileNotFoundError) as exc:
-            raise DsehError(f"no Kubernetes credentials: not in a pod and no kubeconfig ({exc})") from exc
-    return client.CustomObjectsApi()
-
-
-def submit_and_wait(
-    manifest: dict, timeout_s: float = DEADLINE_S, poll_s: float = 15.0, host: str | None = None
-) -> dict:
-    """Create the job and wait until it succeeds (returns its status) or fails (one error with its
-    message). A job of that name already there is watched, not created twice. A job that has not
-    finished within timeout_s is deleted, so that it holds no GPUs after the step has given up."""
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
-    group, version, plural = TRAINJOB if manifest["kind"] == "TrainJob" else PYTORCHJOB
-    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    api = _api(host)
-    where = f"{manifest['kind']} {ns}/{name}"
-    try:
-        api.create_namespaced_custom_object(group, version, ns, plural, manifest)
-        log.info("created %s", where)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise DsehError(f"could not create {where}: {exc.status} {exc.reason}: {exc.body}") from exc
-        log.info("%s exists already: watching it", where)
-    except HTTPError as exc:
-        raise DsehError(f"the Kubernetes API is unreachable while creating {where}: {exc}") from exc
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            obj = api.get_namespaced_custom_object(group, version, ns, plural, name)
-        except (ApiException, HTTPError) as exc:
-            raise DsehError(f"could not read {where}: {exc}") from exc
-        state = job_state(manifest, obj.get("status"))
-        if state == "succeeded":
-            return obj.get("status", {})
-        if state == "failed":
-            msgs = [c.get("message", "") for c in obj["status"].get("conditions", []) if c.get("type") == "Failed"]
-            raise DsehError(f"{where} failed: {'; '.join(m for m in msgs if m) or 'no message'}")
-        if time.monotonic() > deadline:
-            try:
-                api.delete_namespaced_custom_object(group, version, ns, plural, name)
-                gone = "deleted"
-            except (ApiException, HTTPError) as exc:
-                gone = f"could not be deleted ({exc})"
-            raise DsehError(f"{where} did not finish within {timeout_s:.0f} s; the job {gone}")
-        time.sleep(poll_s)
+def job_namespace(namespace: str) -> tuple[str, dict | None]:
+    """(the namespace of a step's Trainer job, its ownerReference): `namespace`, else the step pod's own
+    (a multi-user profile's namespace), else kubeflow. The job is owned by the step's pod when both
+    are in one namespace: Kubernetes allows no owner in another namespace (it would take the owner
+    for absent and delete the job at once); elsewhere only the deadline and the step end it."""
+    owner = owner_reference()
+    pod_ns = owner[1] if owner else ""
+    ns = namespace or pod_ns or "kubeflow"
+    if owner and pod_ns == ns:
+        return ns, owner[0]
+    if owner:
+        log.warning("the Trainer job runs in %s, not in its step's namespace %s: it has no owner", ns, pod_ns)
+    return ns, None
 
 
 def job_name(prefix: str, *parts: str) -> str:
@@ -406,33 +312,36 @@ def run_training_step(
     """A training step (train-labnet or train-imgnet) from resolved params text, as a Kubeflow
     component runs it: in this process for one GPU, else data-parallel under torchrun with one
     process per GPU (rank 0 writes the output). Returns the step's summary. With `checkpoint_dir`
-    (a folder that outlives the pod, on the claim) the resume checkpoint lives there, keyed by the
-    pipeline run, step and round (artifacts.durable_checkpoint): a retried step resumes."""
+    (a folder on the claim, or an s3:// prefix, that outlives the pod) the resume checkpoint lives
+    there, keyed by the pipeline run, step and round (dseh.durable): a retried step resumes."""
     import tempfile
+    from contextlib import nullcontext
 
-    from dseh import stages
+    from dseh import durable, stages
     from dseh.config import from_yaml_text
 
     cfg = from_yaml_text(config_text)
-    ckpt = None
+    durable_ckpt = nullcontext(None)
     if checkpoint_dir:
-        ckpt = artifacts.durable_checkpoint(checkpoint_dir, env_pipeline_run(), step, round_index)
-        log.info("%s round %d: resume checkpoint at %s", step, round_index, ckpt)
-    if gpus <= 1:
-        if step == "train-labnet":
-            return stages.train_labnet(
-                cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False, checkpoint=ckpt
+        where = durable.checkpoint_location(checkpoint_dir, env_pipeline_run(), step, round_index)
+        log.info("%s round %d: resume checkpoint at %s", step, round_index, where)
+        durable_ckpt = durable.local_checkpoint(where)
+    with durable_ckpt as ckpt:
+        if gpus <= 1:
+            if step == "train-labnet":
+                return stages.train_labnet(
+                    cfg, data_dir, round_index, out_dir, prev_labnet, prev_imgnet, progress=False, checkpoint=ckpt
+                )
+            return stages.train_imgnet(
+                cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False, checkpoint=ckpt
             )
-        return stages.train_imgnet(
-            cfg, data_dir, round_index, labnet, out_dir, prev_imgnet, progress=False, checkpoint=ckpt
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        params = Path(tmp) / "params.yaml"
-        params.write_text(config_text)
-        args = [step, "--params", str(params), "--round", str(round_index), "--data", str(data_dir), "-q"]
-        pairs = (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet))
-        for flag, path in (*pairs, ("--checkpoint", ckpt)):
-            if path:
-                args += [flag, str(path)]
-        run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)
+        with tempfile.TemporaryDirectory() as tmp:
+            params = Path(tmp) / "params.yaml"
+            params.write_text(config_text)
+            args = [step, "--params", str(params), "--round", str(round_index), "--data", str(data_dir), "-q"]
+            pairs = (("--labnet", labnet), ("--prev-labnet", prev_labnet), ("--prev-imgnet", prev_imgnet))
+            for flag, path in (*pairs, ("--checkpoint", ckpt)):
+                if path:
+                    args += [flag, str(path)]
+            run_local([*args, "--out", str(out_dir)], gpus, cwd=tmp)
     return artifacts.read_json(Path(out_dir) / artifacts.SUMMARY)

@@ -115,6 +115,8 @@ class PodResources:
 
 POD = PodResources()
 POD_NAME_ENV = "DSEH_POD_NAME"  # a step's pod name, which the pipeline sets from metadata.name: one per attempt
+POD_UID_ENV = "DSEH_POD_UID"  # its uid (metadata.uid) and namespace (metadata.namespace): the owner of its
+POD_NAMESPACE_ENV = "DSEH_POD_NAMESPACE"  # Trainer job, in the pod's own namespace by default
 CHECKPOINTS = "dseh-checkpoints"  # the folder on the claim that holds the training steps' resume checkpoints
 
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")

@@ -169,6 +169,42 @@ def local_copy(uri: str, timeout_s: float = 10.0, retries: int = 3) -> Iterator[
         yield tmp.name
 
 
+def _s3_call(uri: str, timeout_s: float, retries: int, call):
+    """call(client, bucket, key) with botocore's failures as one DsehError naming the object."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        return call(_client(timeout_s, retries), bucket, key)
+    except (BotoCoreError, ClientError) as exc:
+        raise s3_error(exc, bucket, key) from exc
+
+
+def etag(uri: str, timeout_s: float = 10.0, retries: int = 3) -> str:
+    """An S3 object's ETag (its content's version as the store knows it), without reading it."""
+    return _s3_call(uri, timeout_s, retries, lambda c, b, k: c.head_object(Bucket=b, Key=k)["ETag"].strip('"'))
+
+
+def upload(path: str | Path, uri: str, timeout_s: float = 10.0, retries: int = 3) -> None:
+    """Put a local file at an s3:// URI (a whole object: readers see the old one or the new one)."""
+    _s3_call(uri, timeout_s, retries, lambda c, b, k: c.upload_file(str(path), b, k))
+
+
+def download(uri: str, path: str | Path, timeout_s: float = 10.0, retries: int = 3) -> bool:
+    """Fetch an S3 object to a local file (written whole, through atomic_file); False when there is none."""
+    try:
+        with atomic_file(path) as tmp:
+            _s3_call(uri, timeout_s, retries, lambda c, b, k: c.download_file(b, k, str(tmp)))
+    except MissingObject:
+        return False
+    return True
+
+
+def delete(uri: str, timeout_s: float = 10.0, retries: int = 3) -> None:
+    """Remove an S3 object (none there is fine)."""
+    _s3_call(uri, timeout_s, retries, lambda c, b, k: c.delete_object(Bucket=b, Key=k))
+
+
 # who writes a temporary sibling: this host and process, so a later run can tell a dead writer's
 # leftovers from a live one's (on a volume shared by several pods, only its own host's)
 _HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"

@@ -10,7 +10,16 @@ from kfp import dsl, kubernetes
 
 from components import dseh_components as c
 from dseh.errors import DsehError
-from dseh.pipeline_params import CHECKPOINTS, POD, POD_NAME_ENV, TYPED, Placement, signature
+from dseh.pipeline_params import (
+    CHECKPOINTS,
+    POD,
+    POD_NAME_ENV,
+    POD_NAMESPACE_ENV,
+    POD_UID_ENV,
+    TYPED,
+    Placement,
+    signature,
+)
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -27,8 +36,7 @@ class PipelineOptions:
     gpus: int = 1  # per training pod (per node); more than 1: the steps run data-parallel under torchrun
     gpu_prepare: bool = True  # prepare asks for one GPU too (with gpus > 0)
     nodes: int = 1  # more than 1: ImgNet runs as a Kubeflow Trainer job over this many nodes (needs pvc_name)
-    trainer_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob (Training Operator v1)
-    namespace: str = "kubeflow"  # where the Trainer job is created
+    job_namespace: str = ""  # where the Trainer job is created ("": the launching pod's own namespace)
     accelerator_type: str = POD.accelerator
     placement: Placement = Placement()  # tolerations and node selector of every pod that holds a GPU
     cpu_limit: str = POD.cpu
@@ -37,6 +45,7 @@ class PipelineOptions:
     retries: int = 2
     pvc_name: str = ""  # mount this PersistentVolumeClaim at /data in every data step (large image sets)
     enable_caching: bool = False  # data steps reuse results for the same data_version and config only
+    checkpoint_root: str = ""  # s3://bucket/prefix: the training steps' resume checkpoints when there is no claim
 
 
 def place_gpus(task, opts: PipelineOptions, gpus: int):
@@ -75,8 +84,10 @@ def build_pipeline(opts: PipelineOptions):
     """The @dsl.pipeline function for these options."""
     if opts.nodes > 1 and not opts.pvc_name:
         raise DsehError("--nodes > 1 needs --pvc: the Trainer job's nodes share the inputs and output on it")
-    if opts.trainer_kind not in ("trainjob", "pytorchjob"):
-        raise DsehError(f"unknown trainer job kind '{opts.trainer_kind}': trainjob or pytorchjob")
+    if opts.checkpoint_root and not opts.checkpoint_root.startswith("s3://"):
+        raise DsehError(
+            f"--checkpoint-root {opts.checkpoint_root}: give an s3://bucket/prefix (the pipeline root's bucket)"
+        )
     comp = c.on_image(opts.image)
 
     def step(task, p: dict, gpus: int = 0, cache: bool | None = None):
@@ -85,13 +96,15 @@ def build_pipeline(opts: PipelineOptions):
     def imgnet_job(p: dict, common: dict, labnet, r: int):
         """ImgNet over several nodes: a light pod that runs the Trainer job and waits for it."""
         task = comp.train_imgnet_job(
-            labnet=labnet, image=opts.image, nodes=opts.nodes, gpus=opts.gpus, kind=opts.trainer_kind,
-            pvc_name=opts.pvc_name, namespace=opts.namespace, s3_secret=p["s3_secret"],
+            labnet=labnet, image=opts.image, nodes=opts.nodes, gpus=opts.gpus,
+            pvc_name=opts.pvc_name, namespace=opts.job_namespace, s3_secret=p["s3_secret"],
             mlflow_secret=p["mlflow_secret"], gpu_resource=opts.accelerator_type,
             tolerations=list(opts.placement.tolerations), node_selector=dict(opts.placement.node_selector), **common,
         )  # fmt: skip
-        # the pod's name tells one attempt from the next: each retry starts a Trainer job of its own
-        kubernetes.use_field_path_as_env(task, env_name=POD_NAME_ENV, field_path="metadata.name")
+        # the pod's name tells one attempt from the next: each retry starts a Trainer job of its own,
+        # owned by the pod (name, uid, namespace), so the job goes when the pod does
+        for env, field in ((POD_NAME_ENV, "name"), (POD_UID_ENV, "uid"), (POD_NAMESPACE_ENV, "namespace")):
+            kubernetes.use_field_path_as_env(task, env_name=env, field_path=f"metadata.{field}")
         return step(task, p).set_display_name(f"train ImgNet round {r} on {opts.nodes} nodes")
 
     def dseh_pipeline(*values):
@@ -109,8 +122,9 @@ def build_pipeline(opts: PipelineOptions):
         run = {"config": cfg.output, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         prep = step(comp.prepare(data_version=p["data_version"], **run), p, 1 if opts.gpu_prepare else 0)
         data = prep.outputs["data"]
-        # a retried training step (a new pod) resumes from its checkpoint on the claim
-        ckpt = {"checkpoint_dir": CHECKPOINT_DIR} if opts.pvc_name else {}
+        # a retried training step (a new pod) resumes from its checkpoint on the claim, else on S3
+        root = CHECKPOINT_DIR if opts.pvc_name else opts.checkpoint_root
+        ckpt = {"checkpoint_dir": root} if root else {}
         lab = img = None
         for r in range(opts.rounds):
             common = dict(data_version=p["data_version"], round_index=r, data=data, **run)

@@ -5,13 +5,27 @@
 #   scripts/build_image.sh --local-base         # on a local Debian base made with debootstrap,
 #                                               # for machines that cannot pull images
 #
+# The base is pinned by digest: BASE_DIGEST (sha256:...) if set, else what `skopeo inspect` says the
+# tag BASE_IMAGE points to now (--local-base: the local image's digest). With neither, no build.
 # The smoke test runs `dseh --help` and imports the Kubeflow components inside the image.
-# Needs: buildah (apt-get install buildah podman runc), and debootstrap for --local-base; root.
+# Needs: buildah and skopeo (apt-get install buildah skopeo podman runc), debootstrap for --local-base; root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${TAG:-dseh:dev}
 WORK=${WORK:-/var/tmp/dseh-image}
+BASE_IMAGE=${BASE_IMAGE:-$(sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)}
 args=()
+if [ "${1:-}" != "--local-base" ]; then
+  digest=${BASE_DIGEST:-$(skopeo inspect --format '{{.Digest}}' "docker://$BASE_IMAGE" 2>/dev/null || true)}
+  if [ -z "$digest" ]; then
+    echo "build_image.sh: cannot tell the digest of $BASE_IMAGE (skopeo missing or no registry reachable)." >&2
+    echo "  Pin it: BASE_DIGEST=\$(skopeo inspect --format '{{.Digest}}' docker://$BASE_IMAGE) on a machine" >&2
+    echo "  that reaches the registry, then BASE_DIGEST=sha256:... scripts/build_image.sh; or use --local-base." >&2
+    exit 1
+  fi
+  args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "BASE_DIGEST=$digest")
+  echo "--- base $BASE_IMAGE@$digest"
+fi
 if [ "${1:-}" = "--local-base" ]; then
   base=localhost/dseh-base:bookworm
   if ! buildah images --format '{{.Name}}:{{.Tag}}' | grep -qx "$base"; then
@@ -32,7 +46,9 @@ if [ "${1:-}" = "--local-base" ]; then
       --change "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt" \
       --change "ENV PIP_BREAK_SYSTEM_PACKAGES=1" - "$base" >/dev/null
   fi
-  args+=(--build-arg "BASE_IMAGE=$base")
+  digest=$(podman image inspect --format '{{.Digest}}' "$base")
+  args+=(--build-arg "BASE_IMAGE=$base" --build-arg "BASE_DIGEST=$digest")
+  echo "--- base $base@$digest"
 fi
 buildah bud --isolation chroot --layers -t "$TAG" "${args[@]}" .
 ctr=$(buildah from "$TAG")

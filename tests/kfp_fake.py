@@ -121,7 +121,13 @@ class KfpHandler(JsonHandler):
             body = raw
         url = urlparse(self.path)
         self.fake.requests.append(
-            {"method": self.command, "path": url.path, "query": parse_qs(url.query), "body": body}
+            {
+                "method": self.command,
+                "path": url.path,
+                "query": parse_qs(url.query),
+                "body": body,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+            }  # fmt: skip
         )
         if self.command == "POST" and url.path in BODIES:
             try:

@@ -112,6 +112,20 @@ SAMPLES = {
 }
 
 
+def test_without_a_claim_the_checkpoints_go_to_the_s3_root_given(tmp_path, monkeypatch, capsys):
+    c = _compile(tmp_path, monkeypatch, "--rounds", "2", "--checkpoint-root", "s3://mlpipeline/dseh-checkpoints")
+    tasks = c["spec"]["root"]["dag"]["tasks"]
+    for task in ("train-labnet", "train-imgnet", "train-labnet-2", "train-imgnet-2"):
+        ckpt = tasks[task]["inputs"]["parameters"]["checkpoint_dir"]["runtimeValue"]["constant"]
+        assert ckpt == "s3://mlpipeline/dseh-checkpoints", task
+    plain = _compile(tmp_path, monkeypatch)  # neither: a retry starts over
+    assert "checkpoint_dir" not in plain["spec"]["root"]["dag"]["tasks"]["train-labnet"]["inputs"]["parameters"]
+    out = tmp_path / "bad.yaml"
+    args = ["pipeline", "compile", "--params", str(REPO / "params.yaml"), "-o", str(out), "--checkpoint-root", "/tmp/x"]
+    assert main(args) == 2 and not out.exists()
+    assert "give an s3://bucket/prefix" in capsys.readouterr().err
+
+
 def test_pipeline_parameters_are_the_table(tmp_path, monkeypatch):
     spec = _compile(tmp_path, monkeypatch)["spec"]
     root = spec["root"]["inputDefinitions"]["parameters"]
@@ -161,15 +175,13 @@ def test_resolve_config_sets_the_params_key_of_each_typed_parameter():
 
 
 def test_multi_node_pipeline_runs_imgnet_as_a_trainer_job(tmp_path, monkeypatch):
-    c = _compile(tmp_path, monkeypatch, "--nodes", "2", "--gpus", "4", "--pvc", "nus", "--trainer-kind", "pytorchjob")
+    c = _compile(tmp_path, monkeypatch, "--nodes", "2", "--gpus", "4", "--pvc", "nus", "--job-namespace", "ml")
     spec, platform = c["spec"], c["platform"]
     tasks = spec["root"]["dag"]["tasks"]
     assert "train-imgnet-job" in tasks and "train-imgnet" not in tasks
     job = tasks["train-imgnet-job"]["inputs"]["parameters"]
     assert job["nodes"]["runtimeValue"]["constant"] == 2 and job["gpus"]["runtimeValue"]["constant"] == 4
-    assert (
-        job["kind"]["runtimeValue"]["constant"] == "pytorchjob" and job["pvc_name"]["runtimeValue"]["constant"] == "nus"
-    )
+    assert job["namespace"]["runtimeValue"]["constant"] == "ml" and job["pvc_name"]["runtimeValue"]["constant"] == "nus"
     assert job["image"]["runtimeValue"]["constant"].endswith("dseh:0.1.0")
     executors = spec["deploymentSpec"]["executors"]
     # the pod that launches and watches the job holds no GPU; LabNet's step gets 4 and runs under torchrun

@@ -19,7 +19,7 @@ import yaml
 from dseh import kfp_cli, kube
 from dseh.cli import main
 from dseh.errors import DsehError
-from dseh.pipeline_params import POD_NAME_ENV, Placement, toleration
+from dseh.pipeline_params import POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV, Placement, toleration
 from dseh.tracking import PIPELINE_ENV
 from tests.k8s_fake import FakeKubernetes
 from tests.kfp_fake import FakeKfp, parse_body
@@ -82,8 +82,13 @@ def test_the_run_id_is_a_task_input_of_every_step_and_in_no_env(tmp_path, extra)
         comp = ir["spec"]["components"][ir["tasks"][task]["componentRef"]["name"]]
         assert comp["inputDefinitions"]["parameters"]["run_id"]["parameterType"] == "STRING"
     if extra:  # the Trainer job's launcher knows its pod, one per attempt
-        (field,) = ir["kube"][executor(ir, "train-imgnet-job")]["fieldPathAsEnv"]
-        assert field == {"name": POD_NAME_ENV, "fieldPath": "metadata.name"}
+        fields = ir["kube"][executor(ir, "train-imgnet-job")]["fieldPathAsEnv"]
+        # the attempt's pod: its name names the job, with its uid and namespace it owns the job
+        assert fields == [
+            {"name": POD_NAME_ENV, "fieldPath": "metadata.name"},
+            {"name": POD_UID_ENV, "fieldPath": "metadata.uid"},
+            {"name": POD_NAMESPACE_ENV, "fieldPath": "metadata.namespace"},
+        ]
 
 
 def _stub_inputs(**kw) -> dict:
@@ -142,7 +147,7 @@ def test_the_trainer_job_is_named_per_run_round_and_attempt(monkeypatch):
     monkeypatch.setattr(kube, "train_imgnet_on_cluster", lambda cfg, opts, *a: jobs.append(opts) or {})
     kw = _stub_inputs(
         config="bits: 16", data_version="v1", data=None, labnet=None, imgnet=None, image=IMAGE, nodes=2, gpus=4,
-        kind="trainjob", pvc_name="nus", namespace="ml", s3_secret="s3", mlflow_secret="mlflow",
+        pvc_name="nus", namespace="ml", s3_secret="s3", mlflow_secret="mlflow",
         gpu_resource="amd.com/gpu", tolerations=[toleration("gpu:NoSchedule")], node_selector={"pool": "h100"},
     )  # fmt: skip
     for run, rnd, pod in (("run-a", 0, "pod-1"), ("run-a", 0, "pod-2"), ("run-a", 1, "pod-3"), ("run-b", 0, "pod-1")):
@@ -195,6 +200,47 @@ def test_runs_are_named_uniquely_unless_named(capsys):
     assert len(versions) == 1  # the same package: one pipeline version, run three times
     for body in runs:  # a run of the uploaded version; no inline spec, whose caching kfp would override
         assert "pipeline_spec" not in body and body["pipeline_version_reference"]["pipeline_version_id"] == "v-2"
+
+
+@pytest.mark.parametrize("how", ["token", "token-file", "cookies"])
+def test_multi_user_kubeflow_gets_the_namespace_and_the_credentials_never_logged(
+    how, tmp_path, capsys, caplog, monkeypatch
+):
+    """The real kfp.Client against the fake: every request (the health check too) carries the
+    credentials, the experiment is created in the profile's namespace, and no output holds the token."""
+    secret = "eyJhbGciOiJSUzI1NiJ9.do-not-log-me"
+    for env in (kfp_cli.TOKEN_ENV, kfp_cli.TOKEN_PATH_ENV, kfp_cli.COOKIES_ENV):
+        monkeypatch.delenv(env, raising=False)
+    if how == "token":
+        monkeypatch.setenv(kfp_cli.TOKEN_ENV, secret)
+    elif how == "token-file":
+        (tmp_path / "token").write_text(secret + "\n")
+        monkeypatch.setenv(kfp_cli.TOKEN_PATH_ENV, str(tmp_path / "token"))
+    else:
+        monkeypatch.setenv(kfp_cli.COOKIES_ENV, f"authservice_session={secret}")
+    caplog.set_level("DEBUG")
+    with FakeKfp() as kfp:
+        assert main(submit_args(kfp, "--namespace", "team-a", "--wait")) == 0
+        requests = list(kfp.requests)
+    want = ("cookie", f"authservice_session={secret}") if how == "cookies" else ("authorization", f"Bearer {secret}")
+    assert requests and all(r["headers"].get(want[0]) == want[1] for r in requests), [r["path"] for r in requests]
+    (exp,) = [r["body"] for r in requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/experiments"]
+    assert exp["namespace"] == "team-a"
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err + caplog.text
+
+
+def test_credentials_that_cannot_be_read_or_are_refused_are_one_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(kfp_cli.TOKEN_ENV, raising=False)
+    monkeypatch.setenv(kfp_cli.TOKEN_PATH_ENV, str(tmp_path / "missing-token"))
+    with FakeKfp() as kfp:
+        assert main(submit_args(kfp)) == 2
+    assert "KF_PIPELINES_SA_TOKEN_PATH=" in capsys.readouterr().err
+    monkeypatch.setenv(kfp_cli.TOKEN_ENV, "expired")
+    with FakeKfp(auth="unauthorized") as kfp:
+        assert main(submit_args(kfp)) == 2
+    err = capsys.readouterr().err
+    assert "authentication required" in err and "were not accepted" in err and "expired" not in err
 
 
 @pytest.mark.parametrize("catchup", [False, True])
@@ -336,20 +382,10 @@ def test_the_trainer_job_nodes_are_placed_like_the_gpu_steps(tmp_path):
     assert params["gpu_resource"]["runtimeValue"]["constant"] == "nvidia.com/gpu"
     assert "tolerations" not in ir["kube"]["exec-train-imgnet-job"]  # the launcher holds no GPU
     placement = Placement.parse(["gpu:NoSchedule"], ["a=b"])
-    for kind in ("trainjob", "pytorchjob"):
-        m = kube.job_manifest(
-            kube.JobOptions(name="j", image=IMAGE, kind=kind, pvc_name="nus", placement=placement), ["x"]
-        )
-        pods = (
-            [
-                j["template"]["spec"]["template"]["spec"]
-                for p in m["spec"]["runtimePatches"]
-                for j in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
-            ]
-            if kind == "trainjob"
-            else [r["template"]["spec"] for r in m["spec"]["pytorchReplicaSpecs"].values()]
-        )
-        for pod in pods:
+    m = kube.job_manifest(kube.JobOptions(name="j", image=IMAGE, pvc_name="nus", placement=placement), ["x"])
+    for p in m["spec"]["runtimePatches"]:
+        for j in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+            pod = j["template"]["spec"]["template"]["spec"]
             assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
             assert pod["nodeSelector"] == {"a": "b"}
 
