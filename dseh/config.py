@@ -93,6 +93,7 @@ class ImgNetConfig:
     hash_from: str = "pre_relu"  # pre_relu (release) | post_relu (paper)
     dropout: float = 0.5
     flip: bool = True
+    shift: int = 0  # random translation by up to this many pixels (zero border); 0: none
     encode_batch_size: int = 512
 
 
@@ -321,7 +322,7 @@ _AT_LEAST: dict[str, float] = {
     "data.chunk_size": 1, "data.max_pixels": 1, "data.workers": 1, "data.s3_retries": 0, "evaluate.topk": 1,
     "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
     "evaluate.example_queries": 1, "evaluate.example_topk": 1,
-    "train.step_epochs": 1, "imgnet.dropout": 0, "imgnet.code_target": 0, "labnet.clip_value": 0, "imgnet.clip_value": 0,
+    "train.step_epochs": 1, "imgnet.dropout": 0, "imgnet.code_target": 0, "imgnet.shift": 0, "labnet.clip_value": 0, "imgnet.clip_value": 0,
     "train.threads": 0, "train.loader_workers": 0,
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "hashnet.step_size": 1,
     "train.momentum": 0, "dpsh.momentum": 0, "hashnet.momentum": 0, "dpsh.weight_decay": 0, "hashnet.weight_decay": 0,

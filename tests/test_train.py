@@ -147,6 +147,32 @@ def test_gather_images_reads_rows_in_order_and_mirror_flips_the_chosen_ones(tmp_
     assert np.array_equal(mirror(got, torch.from_numpy(flip)).numpy(), expected)
 
 
+def test_translate_shifts_each_image_by_its_offsets_with_a_zero_border():
+    from dseh.train.feed import translate
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 255, (4, 6, 5, 3), dtype=np.uint8)
+    offsets = np.array([[0, 0], [1, -2], [-2, 2], [2, 1]])
+    expected = np.zeros_like(x)
+    for i, (dy, dx) in enumerate(offsets):  # output (r, c) reads input (r + dy, c + dx) where that exists
+        for r in range(6):
+            for c in range(5):
+                if 0 <= r + dy < 6 and 0 <= c + dx < 5:
+                    expected[i, r, c] = x[i, r + dy, c + dx]
+    got = translate(torch.from_numpy(x), torch.from_numpy(offsets), 2)
+    assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), expected)
+
+
+def test_shift_augments_training_and_zero_keeps_the_codes(tiny_data, tmp_path):
+    base = from_dict(tiny_raw())
+    _train_round0(base, tiny_data, tmp_path / "a")
+    _train_round0(from_dict(tiny_raw(), ["imgnet.shift=0"]), tiny_data, tmp_path / "b")
+    _train_round0(from_dict(tiny_raw(), ["imgnet.shift=2"]), tiny_data, tmp_path / "c")
+    weights = {k: artifacts.load_step_model(tmp_path / k / "img", "imgnet").state_dict["fc9.weight"] for k in "abc"}
+    assert np.array_equal(np.load(tmp_path / "a/img" / artifacts.CODES), np.load(tmp_path / "b/img" / artifacts.CODES))
+    assert torch.equal(weights["a"], weights["b"]) and not torch.equal(weights["a"], weights["c"])
+
+
 def test_loader_threads_per_device(monkeypatch):
     from dseh.train.feed import loader_threads
 

@@ -48,6 +48,16 @@ def gather_images(images: np.ndarray, items: np.ndarray, pin: bool = False) -> t
     return out
 
 
+def translate(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """(N, H, W, C) images, each shifted by its (dy, dx) in [-pad, pad] with zeros filling the border
+    (a random crop of the zero-padded image), in one gather on the training device."""
+    n, h, w, _ = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad))
+    rows = (pad + offsets[:, 0, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (pad + offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols]
+
+
 def mirror(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) images with the rows where `flip` is set mirrored left-right. Done on the
     training device: free on a GPU, where the host's strided flip of 3-byte pixels was the slowest

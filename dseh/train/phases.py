@@ -15,7 +15,7 @@ from dseh.config import ImgNetConfig, LabNetConfig, TrainConfig
 from dseh.methods import Objective
 from dseh.models.nets import ImgNet, LabNet
 from dseh.train.device import autocast, write_rows
-from dseh.train.feed import gather_images, mirror
+from dseh.train.feed import gather_images, mirror, translate
 from dseh.train.loop import Phase
 from dseh.train.recipe import Recipe
 
@@ -112,18 +112,27 @@ def imgnet_phase(
         # per training item and epoch, so a rank's share of a batch is flipped as in one process
         return np.random.default_rng([seed, round_index, epoch]).random(len(train_items)) < 0.5
 
-    def fetch(idx: np.ndarray, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    @functools.lru_cache(maxsize=2)
+    def offsets(epoch: int) -> np.ndarray:
+        # (dy, dx) per training item and epoch, from a stream of its own (flips stay as without shifts)
+        rng = np.random.default_rng([seed, round_index, epoch, 1])
+        return rng.integers(-cfg.shift, cfg.shift + 1, (len(train_items), 2))
+
+    def fetch(idx: np.ndarray, epoch: int, b: int) -> tuple:
         flip = torch.from_numpy(flips(epoch)[idx]) if cfg.flip else None
         if flip is not None and pin:
             flip = flip.pin_memory()
-        return gather_images(images, train_items[idx], pin), flip, step_offset + epoch * per_epoch + b
+        shift = torch.from_numpy(offsets(epoch)[idx]) if cfg.shift else None
+        return gather_images(images, train_items[idx], pin), flip, shift, step_offset + epoch * per_epoch + b
 
     def step(net: nn.Module, idx: np.ndarray, batch: tuple) -> dict[str, torch.Tensor]:
-        x, flip, global_step = batch
+        x, flip, shift, global_step = batch
         t = torch.from_numpy(idx).to(device)
         x = x.to(device, non_blocking=True)
         if flip is not None:
             x = mirror(x, flip.to(device, non_blocking=True))
+        if shift is not None:
+            x = translate(x, shift.to(device), cfg.shift)
         with autocast(device, train_cfg.amp):
             f, u = net(x)
         return objective(t, f.float(), u.float(), global_step)
