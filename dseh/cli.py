@@ -79,7 +79,7 @@ def _steps(sub) -> None:
 
     p = sub.add_parser("promote", help="register the evaluated model; move `champion` if it is better")
     _common(p)
-    for name in ("--data", "--imgnet", "--eval", "--out"):
+    for name in ("--data", "--labnet", "--imgnet", "--eval", "--out"):
         p.add_argument(name)
     p.add_argument("--dry-run", action="store_true", help="say what would happen; write nothing anywhere")
 
@@ -116,8 +116,10 @@ def _experiments(sub) -> None:
 def _retrieval(sub) -> None:
     from dseh.index import KINDS
 
-    p = sub.add_parser("search", help="top-k database items for query image files")
-    p.add_argument("images", nargs="+", help="image files")
+    p = sub.add_parser("search", help="top-k database items for query image files or label sets")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--labels", action="append", help="a label set 'a,b' (class names), searched by LabNet's code")
+    p.add_argument("--labnet", help="the LabNet of the model's round (default: ROOT/labnet/roundR beside --model)")
     p.add_argument(
         "--model",
         default="outputs/imgnet/round0",
@@ -280,7 +282,8 @@ def _promote(args) -> None:
     cfg, lay, _ = _context(args)
     imgnet = _existing_dir(args.imgnet or lay.imgnet(cfg.train.rounds - 1), "--imgnet")
     out = None if args.dry_run else (args.out or lay.promote)
-    decision = stages.promote(cfg, args.data or lay.data, imgnet, args.eval or lay.eval, out, args.dry_run)
+    labnet = args.labnet or lay.labnet(cfg.train.rounds - 1)
+    decision = stages.promote(cfg, args.data or lay.data, imgnet, args.eval or lay.eval, out, args.dry_run, labnet)
     print(json.dumps(decision, indent=2))
 
 
@@ -321,14 +324,13 @@ def _search(args) -> None:
     from dseh.search import search
 
     model = args.model if args.model.startswith(("models:/", "runs:/")) else _existing_dir(args.model, "--model")
-    results = search(
-        str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe, args.timeout
-    )
+    results = search(str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe,
+                     args.timeout, args.labels, args.labnet)  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for res in results:
-        print(f"{res['image']}:")
+        print(f"{res['image']}:" if "image" in res else f"labels {','.join(res['labels'])}:")
         print(f"  {'rank':>4} {'index':>7} {'dist':>4}  labels  path")
         for r in res["results"]:
             labels = ",".join(r["labels"]) or "-"
