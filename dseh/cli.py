@@ -120,12 +120,10 @@ def _retrieval(sub) -> None:
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--labels", action="append", help="a label set 'a,b' (class names), searched by LabNet's code")
     p.add_argument("--labnet", help="the LabNet of the model's round (default: ROOT/labnet/roundR beside --model)")
-    p.add_argument(
-        "--model",
-        default="outputs/imgnet/round0",
-        help="an ImgNet step output directory, or an MLflow model URI such as models:/dseh-imgnet@champion",
-    )
+    p.add_argument("--model", default="outputs/imgnet/round0",
+                   help="an ImgNet step output directory, or an MLflow model URI (models:/dseh-imgnet@champion)")  # fmt: skip
     p.add_argument("--codes", help="packed database codes (default: MODEL/codes.npy; required with an MLflow URI)")
+    p.add_argument("--request", action="store_true", help="print the queries as a request to the served model")
     p.add_argument("--data", default="outputs/data", help="the prepared dataset the model was trained on")
     p.add_argument("--weights", help="CNN-F .mat to rebuild the backbone, if it moved")
     p.add_argument("-k", type=_positive, default=10)
@@ -321,8 +319,10 @@ def _compare(args) -> None:
 
 
 def _search(args) -> None:
-    from dseh.search import search
+    from dseh.search import request_body, search
 
+    if args.request:  # the JSON body that `mlflow models serve` of dseh-retrieval answers (docs/serving.md)
+        return print(json.dumps(request_body(args.data, args.images, args.labels, args.k)))
     model = args.model if args.model.startswith(("models:/", "runs:/")) else _existing_dir(args.model, "--model")
     results = search(str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe,
                      args.timeout, args.labels, args.labnet)  # fmt: skip

@@ -25,7 +25,7 @@ from dseh.config import from_dict
 from dseh.data import PreparedData
 from dseh.errors import DsehError
 from dseh.retrieval import label_codes, label_vector
-from dseh.search import search
+from dseh.search import request_body, search
 from tests.helpers import LEARNING, tiny_raw
 from tests.servers import free_port, stop_pid, wait_http
 
@@ -159,9 +159,16 @@ def test_mlflow_models_serve_answers_images_and_label_sets(promoted, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/ping", proc, tmp_path / "serve.log")
+        expected_img, expected_lab = _search_ids(promoted, [png], [",".join(names)], k=5)
+        # `dseh search IMAGE --labels a,b --request` prints this body: an image row and a label-set row
+        status, body = _post(
+            url + "/invocations", request_body(str(promoted["data"]), [str(png)], [",".join(names)], 5)
+        )
+        assert status == 200, body
+        got = [[(p["id"], p["distance"]) for p in body["predictions"] if p["query"] == q] for q in (0, 1)]
+        assert got == [expected_img, expected_lab]
         status, body = _post(url + "/invocations", {"dataframe_records": [{"image": img.tolist()}], "params": {"k": 5}})
         assert status == 200, body
-        expected_img, expected_lab = _search_ids(promoted, [png], [",".join(names)], k=5)
         assert [(p["id"], p["distance"]) for p in body["predictions"]] == expected_img
         status, body = _post(url + "/invocations", {"dataframe_records": [{"labels": names}], "params": {"k": 5}})
         assert status == 200, body
