@@ -192,3 +192,22 @@ def test_mlflow_models_serve_answers_images_and_label_sets(promoted, tmp_path):
         stop_pid(proc, grace=5)
         log.close()
     assert proc.poll() is not None
+
+
+def test_cli_search_by_labels_and_request(promoted, tmp_path, capsys):
+    from dseh.cli import main
+
+    lay, data_dir = promoted["lay"], str(promoted["data"])
+    assert main(["search", "--labels", "0,3", "--model", str(lay.imgnet(0)), "--data", data_dir, "-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "labels 0,3:" and len(out) == 5  # the query, the header, three hits with their labels
+    expected = _search_ids(promoted, labels=["0,3"], k=3)[0]
+    assert [(int(line.split()[1]), int(line.split()[2])) for line in out[2:]] == expected
+    assert main(["search", "--labels", "0,x", "--model", str(lay.imgnet(0)), "--data", data_dir]) == 2
+    assert "unknown label 'x'" in capsys.readouterr().err
+    data = PreparedData(data_dir)
+    png, img = _query_png(data, int(data.query[0]), tmp_path)
+    assert main(["search", str(png), "--labels", "2", "--request", "-k", "4", "--data", data_dir]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body == {"dataframe_records": [{"image": img.tolist(), "labels": None}, {"image": None, "labels": ["2"]}],
+                    "params": {"k": 4}}  # fmt: skip
