@@ -361,7 +361,8 @@ def retrieval_example(data):
 
     first = int(np.sort(data.query)[0])
     names = [data.classes[c] for c in np.flatnonzero(data.labels[first])]
-    return pd.DataFrame({"image": [np.asarray(data.images[first]).astype(np.int64), None], "labels": [None, names]})
+    image = np.asarray(data.images[first]).ravel().astype(np.int64)  # the signature's flat (H, W, 3) values
+    return pd.DataFrame({"image": [image, None], "labels": [None, names]})
 
 
 def register_retrieval(cfg: Config, cand: Candidate, imgnet_dir, labnet_dir, data, encoder_version) -> dict:

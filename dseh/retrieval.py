@@ -74,14 +74,19 @@ class Retriever:
         return ix.exact_topk(q, self.db.codes, int(k))
 
     def _image(self, value, row: int) -> np.ndarray:
-        """One query image as uint8 (H, W, 3), every value an integer in 0..255."""
+        """One query image as uint8 (H, W, 3) from its H * W * 3 values in row-major (H, W, 3) order
+        (the served signature's flat `image`; an (H, W, 3) array too), each an integer in 0..255."""
         try:
             x = np.asarray(value if not isinstance(value, np.ndarray) or value.dtype != object else value.tolist())
         except ValueError:
             x = np.asarray([], dtype=object)  # ragged nested lists
         want = (self.image_size, self.image_size, 3)
-        if x.shape != want:
-            raise DsehError(f"query {row}: an image must be uint8 of shape {want}, got shape {x.shape}")
+        if x.shape not in (want, (int(np.prod(want)),)):
+            raise DsehError(
+                f"query {row}: an image must be {np.prod(want)} uint8 values, an {want} image in row-major "
+                f"order, got shape {x.shape}"
+            )
+        x = x.reshape(want)
         if x.dtype == np.uint8:
             return x
         if x.dtype.kind not in "iuf" or not np.all((x >= 0) & (x <= 255) & (x == np.round(x))):

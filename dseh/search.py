@@ -181,10 +181,12 @@ def _describe(data: PreparedData, names: list[str], n_images: int, ids, dist, se
 
 def request_body(data_dir: str, images: list[str], labels: list[str] | None, k: int) -> dict:
     """The served retrieval model's request for these queries: one row per image file (decoded at
-    the dataset's image size, as `dseh search` does) or label set, and the param k."""
+    the dataset's image size, as `dseh search` does; its H * W * 3 values in row-major order) or
+    label set, and the param k."""
     data = PreparedData(data_dir)
     # both keys in every row: a missing one would reach the server as NaN, not as an absent value
-    rows: list[dict] = [{"image": x.tolist(), "labels": None} for x in load_query_images(images, data.images.shape[1])]
+    decoded = load_query_images(images, data.images.shape[1])
+    rows: list[dict] = [{"image": x.ravel().tolist(), "labels": None} for x in decoded]  # flat (H, W, 3) values
     rows += [{"image": None, "labels": label_names(s)} for s in labels or []]
     for s in labels or []:
         label_vector(s, data.classes)  # an unknown class is named here, not by the server

@@ -126,7 +126,7 @@ def test_promote_registers_the_retrieval_model_with_the_encoders_aliases(promote
     items = [int(i) for i in np.sort(data.query)[:2]]
     pngs = [_query_png(data, i, tmp_path) for i in items]
     names = [data.classes[c] for c in np.flatnonzero(data.labels[items[0]])]
-    frame = pd.DataFrame({"image": [pngs[0][1], pngs[1][1], None], "labels": [None, None, names]})
+    frame = pd.DataFrame({"image": [pngs[0][1].ravel(), pngs[1][1].ravel(), None], "labels": [None, None, names]})
     out = model.predict(frame, params={"k": 5})
     got = [list(zip(g["id"], g["distance"])) for _, g in out.groupby("query")]
     assert got == _search_ids(promoted, [p for p, _ in pngs], [",".join(names)], k=5)
@@ -167,7 +167,9 @@ def test_mlflow_models_serve_answers_images_and_label_sets(promoted, tmp_path):
         assert status == 200, body
         got = [[(p["id"], p["distance"]) for p in body["predictions"] if p["query"] == q] for q in (0, 1)]
         assert got == [expected_img, expected_lab]
-        status, body = _post(url + "/invocations", {"dataframe_records": [{"image": img.tolist()}], "params": {"k": 5}})
+        status, body = _post(
+            url + "/invocations", {"dataframe_records": [{"image": img.ravel().tolist()}], "params": {"k": 5}}
+        )
         assert status == 200, body
         assert [(p["id"], p["distance"]) for p in body["predictions"]] == expected_img
         status, body = _post(url + "/invocations", {"dataframe_records": [{"labels": names}], "params": {"k": 5}})
@@ -176,12 +178,16 @@ def test_mlflow_models_serve_answers_images_and_label_sets(promoted, tmp_path):
         assert all(p["labels"] for p in body["predictions"])
 
         bad = {
-            "wrong shape": ({"dataframe_records": [{"image": img[:8].tolist()}]}, "must be uint8 of shape"),
+            "wrong size": (
+                {"dataframe_records": [{"image": img[:8].ravel().tolist()}]},
+                "3072 uint8 values, an (32, 32, 3)",
+            ),
+            "nested lists": ({"dataframe_records": [{"image": img.tolist()}]}, "image"),
             "unknown label": ({"dataframe_records": [{"labels": ["cat"]}]}, "unknown label 'cat'"),
             "k too large": ({"dataframe_records": [{"labels": names}], "params": {"k": 10**6}}, "k must be"),
             "k zero": ({"dataframe_records": [{"labels": names}], "params": {"k": 0}}, "k must be"),
-            "both": ({"dataframe_records": [{"labels": names, "image": img.tolist()}]}, "exactly one"),
-            "value range": ({"dataframe_records": [{"image": (img.astype(int) + 300).tolist()}]}, "0 to 255"),
+            "both": ({"dataframe_records": [{"labels": names, "image": img.ravel().tolist()}]}, "exactly one"),
+            "value range": ({"dataframe_records": [{"image": (img.astype(int) + 300).ravel().tolist()}]}, "0 to 255"),
         }
         for what, (request, message) in bad.items():
             status, body = _post(url + "/invocations", request)
@@ -209,5 +215,5 @@ def test_cli_search_by_labels_and_request(promoted, tmp_path, capsys):
     png, img = _query_png(data, int(data.query[0]), tmp_path)
     assert main(["search", str(png), "--labels", "2", "--request", "-k", "4", "--data", data_dir]) == 0
     body = json.loads(capsys.readouterr().out)
-    assert body == {"dataframe_records": [{"image": img.tolist(), "labels": None}, {"image": None, "labels": ["2"]}],
+    assert body == {"dataframe_records": [{"image": img.ravel().tolist(), "labels": None}, {"image": None, "labels": ["2"]}],
                     "params": {"k": 4}}  # fmt: skip
