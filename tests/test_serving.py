@@ -217,3 +217,25 @@ def test_cli_search_by_labels_and_request(promoted, tmp_path, capsys):
     body = json.loads(capsys.readouterr().out)
     assert body == {"dataframe_records": [{"image": img.ravel().tolist(), "labels": None}, {"image": None, "labels": ["2"]}],
                     "params": {"k": 4}}  # fmt: skip
+
+
+def test_a_retriever_without_labnet_refuses_label_sets_and_checks_k(promoted):
+    from dseh.models.factory import load_imgnet
+    from dseh.promotion import retrieval_database
+    from dseh.retrieval import Retriever
+
+    data = PreparedData(promoted["data"])
+    imgnet, state = load_imgnet(promoted["lay"].imgnet(0))
+    r = Retriever(imgnet, None, retrieval_database(promoted["lay"].imgnet(0), data), state.image_size, 64)
+    img = np.asarray(data.images[int(data.query[0])])
+    out = r.answer(pd.DataFrame({"image": [img.ravel()]}), 3)
+    assert list(out["id"]) == [
+        i for i, _ in _search_ids(promoted, [_query_png(data, int(data.query[0]), promoted["root"])[0]], k=3)[0]
+    ]
+    with pytest.raises(DsehError, match="no LabNet"):
+        r.answer(pd.DataFrame({"labels": [["1"]]}), 3)
+    for k in (0, len(data.database) + 1, 2.5, True):
+        with pytest.raises(DsehError, match="k must be an integer from 1 to 400"):
+            r.answer(pd.DataFrame({"image": [img.ravel()]}), k)
+    with pytest.raises(DsehError, match="unknown input column"):
+        r.answer(pd.DataFrame({"img": [img.ravel()]}), 3)
