@@ -35,6 +35,9 @@ REPORT = "report.html"
 FIGURES = "figures"
 DECISION = "decision.json"
 MAP_TABLE = "map_table"  # .csv and .md
+DB_IDS = "ids.npy"  # a retrieval database: the prepared items' indices, in database order
+DB_LABELS = "labels.npy"  # ... their multi-hot labels (uint8); CODES holds their packed codes
+DB_META = "database.json"  # ... the class names and the code length
 
 KINDS = ("labnet", "imgnet", "linear-hash")  # what a step model file holds
 
@@ -264,6 +267,50 @@ def load_train_outputs(model_dir: str | Path) -> tuple:
 
     with np.load(Path(model_dir) / TRAIN_OUTPUTS) as z:
         return z["B"], (z["F"] if "F" in z else None)
+
+
+def save_weights(out_dir: Path, state: StepModel) -> None:
+    """A step model file without its optimizer state (what a registered model bundles)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_step_model(Path(out_dir), state.kind, state.config, state.state_dict, round_index=state.round,
+                    dataset_sha256=state.dataset_sha256, n_classes=state.n_classes, image_size=state.image_size,
+                    features=state.features)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Database:
+    """What a retrieval model searches: packed codes in database order, the items' indices in the
+    prepared data, their labels, the class names and the code length."""
+
+    codes: Any  # uint8 (n, packed width)
+    ids: Any  # int64 (n,)
+    labels: Any  # uint8 (n, classes)
+    classes: list[str]
+    bits: int
+
+
+def save_database(out_dir: Path, db: Database) -> None:
+    """The .npy arrays and the JSON of a Database in `out_dir` (no pickles)."""
+    import numpy as np
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    np.save(Path(out_dir) / CODES, np.ascontiguousarray(db.codes, dtype=np.uint8))
+    np.save(Path(out_dir) / DB_IDS, np.asarray(db.ids, dtype=np.int64))
+    np.save(Path(out_dir) / DB_LABELS, np.asarray(db.labels, dtype=np.uint8))
+    write_json(Path(out_dir) / DB_META, {"classes": list(db.classes), "bits": int(db.bits)})
+
+
+def load_database(folder: str | Path) -> Database:
+    """The Database of save_database, read with allow_pickle=False and checked for consistent sizes."""
+    import numpy as np
+
+    f = Path(folder)
+    meta = read_json(f / DB_META, "not a retrieval database folder")
+    arrays = [np.load(f / name, allow_pickle=False) for name in (CODES, DB_IDS, DB_LABELS)]
+    db = Database(*arrays, classes=list(meta["classes"]), bits=int(meta["bits"]))
+    if not len(db.codes) == len(db.ids) == len(db.labels) or db.labels.shape[1:] != (len(db.classes),):
+        raise DsehError(f"{f}: codes {db.codes.shape}, ids {db.ids.shape} and labels {db.labels.shape} disagree")
+    return db
 
 
 # --------------------------------------------------------------------------- writers

@@ -79,7 +79,7 @@ def _steps(sub) -> None:
 
     p = sub.add_parser("promote", help="register the evaluated model; move `champion` if it is better")
     _common(p)
-    for name in ("--data", "--imgnet", "--eval", "--out"):
+    for name in ("--data", "--labnet", "--imgnet", "--eval", "--out"):
         p.add_argument(name)
     p.add_argument("--dry-run", action="store_true", help="say what would happen; write nothing anywhere")
 
@@ -116,14 +116,14 @@ def _experiments(sub) -> None:
 def _retrieval(sub) -> None:
     from dseh.index import KINDS
 
-    p = sub.add_parser("search", help="top-k database items for query image files")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument(
-        "--model",
-        default="outputs/imgnet/round0",
-        help="an ImgNet step output directory, or an MLflow model URI such as models:/dseh-imgnet@champion",
-    )
+    p = sub.add_parser("search", help="top-k database items for query image files or label sets")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--labels", action="append", help="a label set 'a,b' (class names), searched by LabNet's code")
+    p.add_argument("--labnet", help="the LabNet of the model's round (default: ROOT/labnet/roundR beside --model)")
+    p.add_argument("--model", default="outputs/imgnet/round0",
+                   help="an ImgNet step output directory, or an MLflow model URI (models:/dseh-imgnet@champion)")  # fmt: skip
     p.add_argument("--codes", help="packed database codes (default: MODEL/codes.npy; required with an MLflow URI)")
+    p.add_argument("--request", action="store_true", help="print the queries as a request to the served model")
     p.add_argument("--data", default="outputs/data", help="the prepared dataset the model was trained on")
     p.add_argument("--weights", help="CNN-F .mat to rebuild the backbone, if it moved")
     p.add_argument("-k", type=_positive, default=10)
@@ -282,7 +282,8 @@ def _promote(args) -> None:
     cfg, lay, _ = _context(args)
     imgnet = _existing_dir(args.imgnet or lay.imgnet(cfg.train.rounds - 1), "--imgnet")
     out = None if args.dry_run else (args.out or lay.promote)
-    decision = stages.promote(cfg, args.data or lay.data, imgnet, args.eval or lay.eval, out, args.dry_run)
+    labnet = args.labnet or lay.labnet(cfg.train.rounds - 1)
+    decision = stages.promote(cfg, args.data or lay.data, imgnet, args.eval or lay.eval, out, args.dry_run, labnet)
     print(json.dumps(decision, indent=2))
 
 
@@ -320,17 +321,18 @@ def _compare(args) -> None:
 
 
 def _search(args) -> None:
-    from dseh.search import search
+    from dseh.search import request_body, search
 
+    if args.request:  # the JSON body that `mlflow models serve` of dseh-retrieval answers (docs/serving.md)
+        return print(json.dumps(request_body(args.data, args.images, args.labels, args.k)))
     model = args.model if args.model.startswith(("models:/", "runs:/")) else _existing_dir(args.model, "--model")
-    results = search(
-        str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe, args.timeout
-    )
+    results = search(str(model), args.data, args.images, args.k, args.weights, args.codes, args.index, args.nprobe,
+                     args.timeout, args.labels, args.labnet)  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for res in results:
-        print(f"{res['image']}:")
+        print(f"{res['image']}:" if "image" in res else f"labels {','.join(res['labels'])}:")
         print(f"  {'rank':>4} {'index':>7} {'dist':>4}  labels  path")
         for r in res["results"]:
             labels = ",".join(r["labels"]) or "-"

@@ -135,6 +135,7 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "dseh"
     registered_model: str = "dseh-imgnet"
+    retrieval_model: str = "dseh-retrieval"  # promote registers the retrieval model under it ("": none)
     timeout_s: float = 10.0  # a tracking server that does not answer within this fails the step
     required: bool = True  # false: warn and train on when the server is unreachable
 

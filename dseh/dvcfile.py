@@ -115,7 +115,8 @@ def render(cfg: Config, layout: Layout = Layout()) -> str:
     }
     stages["promote"] = {
         "cmd": "dseh promote -q",
-        "deps": [lib, str(layout.data / MANIFEST), str(ev / METRICS), str(layout.imgnet(last) / MODEL)],
+        "deps": [lib, str(layout.data / MANIFEST), str(ev / METRICS), str(layout.imgnet(last) / MODEL)]
+        + [str(layout.imgnet(last) / CODES), str(layout.labnet(last))],  # the retrieval model's database, LabNet
         "params": list(STAGE_PARAMS["promote"]),
         "outs": [{str(layout.promote): {"cache": False}}],
     }

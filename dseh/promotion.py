@@ -212,14 +212,21 @@ def dry_run(cfg: Config, cand: Candidate, data=None) -> dict:
     return {**decision, "decision": verdict, "reason": reason, "champion_version": getattr(champ, "version", None)}
 
 
-def register(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data, model_uri: str | None = None) -> dict:
+def register(
+    cfg: Config,
+    cand: Candidate,
+    imgnet_dir: str | Path,
+    data,
+    model_uri: str | None = None,
+    labnet_dir: str | Path | None = None,
+) -> dict:
     """Register the candidate (the image network of the step output `imgnet_dir`, trained on the
     prepared `data`), alias it challenger, move champion when `decide` says so. The version's
     source is `model_uri` (the model train_imgnet logged in its run) when this registry reaches
     it, else the model logged anew in the promote run. A promotion with the key of one already
     registered (promotion_key) returns that one's recorded decision and registers nothing. Fails
     when the registry cannot be reached, whatever tracking.required says (that setting is for
-    logging while training)."""
+    logging while training). The retrieval model (register_retrieval) follows the image network."""
     reg = cfg.tracking.registered_model
     decision: dict = {"registered_model": reg, "metric": cand.metric, "value": cand.value}
     if not cfg.tracking.enabled:
@@ -227,6 +234,7 @@ def register(cfg: Config, cand: Candidate, imgnet_dir: str | Path, data, model_u
     with tracking.step_run(cfg, "promote", cand.dataset_sha256, required=True) as tr:
         with tracking.guard(tracking.tracking_uri()):
             decision.update(_register_and_promote(cfg, cand, imgnet_dir, data, model_uri))
+            decision.update(register_retrieval(cfg, cand, imgnet_dir, labnet_dir, data, decision["version"]))
         tr.log_metrics({"candidate_" + cand.metric: cand.value})
     return decision
 
@@ -326,3 +334,80 @@ def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, 
         "champion_version": getattr(final, "version", None),
         "model_uri": f"models:/{reg}@{CHAMPION}" if final is not None else None,
     }
+
+
+# --------------------------------------------------------------------------- the retrieval model
+
+ENCODER_VERSION = "dseh.encoder_version"  # a retrieval version's tag: the image network's version it bundles
+
+
+def retrieval_database(imgnet_dir: str | Path, data):
+    """The Database (dseh.artifacts) of an ImgNet step output: its stored codes of the prepared
+    `data`'s database items, which `dseh search` ranks too."""
+    import numpy as np
+
+    from dseh.artifacts import Database, load_codes, load_step_model
+
+    bits = load_step_model(imgnet_dir, "imgnet").bits
+    codes = load_codes(imgnet_dir, len(data.labels), bits)
+    items = np.asarray(data.database, dtype=np.int64)
+    return Database(codes[items], items, data.labels[items], list(data.classes), bits)
+
+
+def retrieval_example(data):
+    """The retrieval model's input example: the first query image and the first query's label set."""
+    import numpy as np
+    import pandas as pd
+
+    first = int(np.sort(data.query)[0])
+    names = [data.classes[c] for c in np.flatnonzero(data.labels[first])]
+    image = np.asarray(data.images[first]).ravel().astype(np.int64)  # the signature's flat (H, W, 3) values
+    return pd.DataFrame({"image": [image, None], "labels": [None, names]})
+
+
+def register_retrieval(cfg: Config, cand: Candidate, imgnet_dir, labnet_dir, data, encoder_version) -> dict:
+    """Register the retrieval model (tracking.retrieval_model) bundling the ImgNet and LabNet of
+    this promotion and its database, tagged with the image network's version; once per promotion
+    key. Its `champion` and `challenger` aliases then follow the image network's (follow_aliases)."""
+    import mlflow
+
+    name = cfg.tracking.retrieval_model
+    if not name:
+        return {}
+    client = mlflow.MlflowClient()
+    key = promotion_key(cfg, cand, imgnet_dir)
+    found = find_promotion(client, name, key)
+    if found is None:
+        info = tracking.log_retrieval_model(imgnet_dir, labnet_dir, retrieval_database(imgnet_dir, data),
+                                            retrieval_example(data) if labnet_dir else retrieval_example(data)[:1])  # fmt: skip
+        tags = {**cand.tags, PROMOTION_KEY: key, ENCODER_VERSION: str(encoder_version)}
+        found = mlflow.register_model(info.model_uri, name, tags=tags)
+    follow_aliases(client, cfg.tracking.registered_model, name)
+    final = current_champion(client, name)
+    return {
+        "retrieval_model": name,
+        "retrieval_version": found.version,
+        "retrieval_uri": f"models:/{name}@{CHAMPION}" if final is not None else None,
+    }
+
+
+def follow_aliases(client, encoder: str, retrieval: str) -> None:
+    """Point the retrieval model's champion and challenger at its versions that bundle the image
+    network's champion and challenger; an alias whose image network has no retrieval version is
+    removed, so it never names a model other than the encoder's."""
+    from mlflow.exceptions import MlflowException
+
+    versions = client.search_model_versions(f"name = '{retrieval}'")
+    for alias in (CHALLENGER, CHAMPION):
+        try:
+            target = client.get_model_version_by_alias(encoder, alias).version
+        except MlflowException:
+            target = None
+        match = [v for v in versions if target is not None and v.tags.get(ENCODER_VERSION) == str(target)]
+        if match:
+            client.set_registered_model_alias(retrieval, alias, max(match, key=lambda v: int(v.version)).version)
+            continue
+        try:
+            client.delete_registered_model_alias(retrieval, alias)
+        except MlflowException:
+            pass

@@ -1,4 +1,5 @@
-"""`dseh search`: encode query image files with a trained ImgNet and rank the database codes."""
+"""`dseh search`: encode query image files with a trained ImgNet, or label sets with the round's
+LabNet (DSEH's cross-modal search), and rank the database's ImgNet codes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dseh.data import PreparedData, decode_image
 from dseh.encoder import encode_images
 from dseh.errors import DsehError
 from dseh.models.factory import load_imgnet
+from dseh.retrieval import label_codes, label_names, label_vector
 
 
 def load_query_images(paths: list[str], size: int) -> np.ndarray:
@@ -66,6 +68,12 @@ def item_codes(codes_file: Path, data: PreparedData, data_dir: str | Path) -> np
     return codes
 
 
+def round_labnet(model_dir: str | Path) -> Path:
+    """The LabNet output of an ImgNet output's round: ROOT/imgnet/roundR -> ROOT/labnet/roundR."""
+    m = Path(model_dir)
+    return m.parent.parent / "labnet" / m.name
+
+
 def search(
     model_dir: str,
     data_dir: str,
@@ -76,54 +84,84 @@ def search(
     index_path: str | None = None,
     nprobe: int = 0,
     timeout_s: float = 10.0,
+    labels: list[str] | None = None,
+    labnet_dir: str | None = None,
 ) -> list[dict]:
-    """Top-k database items per query image: index, source path, Hamming distance, labels.
+    """Top-k database items per query image or label set: index, source path, Hamming distance, labels.
 
     `model_dir` is an ImgNet step output, or an MLflow model URI (models:/dseh-imgnet@champion) with
     `codes_path` naming the packed database codes that model produced (an ImgNet output's codes.npy).
-    The exact search streams the memory-mapped codes in chunks; `index_path` (from `dseh index`)
-    searches an approximate faiss index instead, `nprobe` cells per query for ivf."""
-    from dseh import index as ix
-
+    `labels` are label sets ("a,b": class names of the dataset), encoded by the round's LabNet
+    (`labnet_dir`, default the LabNet output of the ImgNet's round). The exact search streams the
+    memory-mapped codes in chunks; `index_path` (from `dseh index`) searches an approximate faiss
+    index instead, `nprobe` cells per query for ivf."""
     if k < 1:
         raise DsehError(f"-k must be at least 1, got {k}")
     data = PreparedData(data_dir)
+    parts, names = [], [*images, *(labels or [])]
     if model_dir.startswith(("models:/", "runs:/")):
         if not codes_path:
             raise DsehError(
                 "searching with an MLflow model needs --codes: the packed codes.npy of that model's database"
             )
+        if labels:
+            raise DsehError("label sets are searched with step outputs (--model ROOT/imgnet/roundR), not MLflow URIs")
         codes_file = Path(codes_path)
-        q = pack(_encode_with_mlflow(model_dir, images, timeout_s))
+        parts.append(pack(_encode_with_mlflow(model_dir, images, timeout_s)))
     else:
         model, state = load_imgnet(model_dir, weights)
         if state.dataset_sha256 != data.sha256:
             raise DsehError(f"{model_dir} was trained on another prepared dataset than {data_dir}: give its --data")
         codes_file = Path(codes_path) if codes_path else Path(model_dir) / CODES
-        x = load_query_images(images, state.image_size)
-        q = pack(encode_images(model, x, None, state.config.imgnet.encode_batch_size)[1])
+        if images:
+            x = load_query_images(images, state.image_size)
+            parts.append(pack(encode_images(model, x, None, state.config.imgnet.encode_batch_size)[1]))
+        if labels:
+            parts.append(_labnet_queries(labnet_dir or round_labnet(model_dir), state.bits, data, labels))
+    if not names:
+        raise DsehError("give query image files or --labels")
+    q = np.concatenate(parts)
     db_codes = item_codes(codes_file, data, data_dir)
     if q.shape[1] != db_codes.shape[1]:
         raise DsehError(
             f"the model emits {q.shape[1] * 8}-bit (padded) codes but {codes_file} holds {db_codes.shape[1] * 8}-bit rows"
         )
+    return _describe(data, names, len(images), *_rank(q, db_codes, data.database, k, index_path, nprobe))
+
+
+def _labnet_queries(labnet_dir: str | Path, bits: int, data: PreparedData, labels: list[str]) -> np.ndarray:
+    """Packed LabNet codes of label sets, from the LabNet step output that trained with the ImgNet."""
+    from dseh.models.factory import load_labnet
+
+    labnet, lstate = load_labnet(labnet_dir)
+    if lstate.dataset_sha256 != data.sha256 or lstate.bits != bits:
+        raise DsehError(f"{labnet_dir} is not the LabNet of this model (another dataset or code length): give --labnet")
+    return label_codes(labnet, np.stack([label_vector(s, data.classes) for s in labels]))
+
+
+def _rank(q: np.ndarray, db_codes: np.ndarray, db_items: np.ndarray, k: int, index_path: str | None, nprobe: int):
+    """(ids, distances, search kind): positions in db_items by the exact scan or a faiss index."""
+    from dseh import index as ix
+
+    if not index_path:
+        return (*ix.exact_topk(q, db_codes, k, rows=db_items), "exact")
+    idx = ix.load_index(index_path)
+    if idx.ntotal != len(db_items) or idx.d != q.shape[1] * 8:
+        raise DsehError(
+            f"index {index_path} holds {idx.ntotal} codes of {idx.d} bits, the database {len(db_items)} "
+            f"of {q.shape[1] * 8}: build it again with `dseh index`"
+        )
+    side = Path(index_path + ".json")  # the build's report: its search effort is the default
+    built = json.loads(side.read_text()) if side.is_file() else {}
+    ix.set_search_effort(idx, nprobe or built.get("nprobe", 0), built.get("nflip", 0))
+    return (*ix.index_topk(idx, q, k), f"approximate ({type(idx).__name__})")
+
+
+def _describe(data: PreparedData, names: list[str], n_images: int, ids, dist, search_kind: str) -> list[dict]:
+    """One result per query (the first n_images are image files, the rest label sets)."""
     db_items = data.database
-    if index_path:
-        idx = ix.load_index(index_path)
-        if idx.ntotal != len(db_items) or idx.d != q.shape[1] * 8:
-            raise DsehError(
-                f"index {index_path} holds {idx.ntotal} codes of {idx.d} bits, the database {len(db_items)} "
-                f"of {q.shape[1] * 8}: build it again with `dseh index`"
-            )
-        side = Path(index_path + ".json")  # the build's report: its search effort is the default
-        built = json.loads(side.read_text()) if side.is_file() else {}
-        ix.set_search_effort(idx, nprobe or built.get("nprobe", 0), built.get("nflip", 0))
-        ids, dist = ix.index_topk(idx, q, k)
-    else:
-        ids, dist = ix.exact_topk(q, db_codes, k, rows=db_items)
-    search_kind = "exact" if not index_path else f"approximate ({type(idx).__name__})"
     results = []
-    for img, row_ids, row_d in zip(images, ids, dist):
+    for qi, (name, row_ids, row_d) in enumerate(zip(names, ids, dist)):
         rows = []
         for rank, (j, d) in enumerate(zip(row_ids, row_d), start=1):
             if j < 0:  # an approximate index found fewer than k
@@ -136,5 +174,22 @@ def search(
                 "distance": int(d),
                 "labels": [data.classes[c] for c in np.flatnonzero(data.labels[item])],
             })  # fmt: skip
-        results.append({"image": img, "search": search_kind, "results": rows})
+        query = {"image": name} if qi < n_images else {"labels": label_names(name)}
+        results.append({**query, "search": search_kind, "results": rows})
     return results
+
+
+def request_body(data_dir: str, images: list[str], labels: list[str] | None, k: int) -> dict:
+    """The served retrieval model's request for these queries: one row per image file (decoded at
+    the dataset's image size, as `dseh search` does; its H * W * 3 values in row-major order) or
+    label set, and the param k."""
+    data = PreparedData(data_dir)
+    # both keys in every row: a missing one would reach the server as NaN, not as an absent value
+    decoded = load_query_images(images, data.images.shape[1])
+    rows: list[dict] = [{"image": x.ravel().tolist(), "labels": None} for x in decoded]  # flat (H, W, 3) values
+    rows += [{"image": None, "labels": label_names(s)} for s in labels or []]
+    for s in labels or []:
+        label_vector(s, data.classes)  # an unknown class is named here, not by the server
+    if not rows:
+        raise DsehError("give query image files or --labels")
+    return {"dataframe_records": rows, "params": {"k": k}}

@@ -57,7 +57,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "evaluate": ("seed", "train.rounds", "train.device", "imgnet.encode_batch_size")
     + _keys("evaluate", "topk precision_at radius heatmap_items example_queries example_topk collapse_min_distinct"),
     "promote": _keys("promote", "metric min_delta")
-    + _keys("tracking", "enabled registered_model")
+    + _keys("tracking", "enabled registered_model retrieval_model")
     + ("imgnet.encode_batch_size",),
 }
 
@@ -370,7 +370,7 @@ def evaluate(
         metrics, rep = evaluation.split_metrics(cfg.evaluate, data, codes, img.bits)
         lab_feats = None
         if methods.get(img.method).needs_labnet:
-            metrics["labnet"], lab_feats = _labnet_metrics(cfg, data, labnet_dir, img.bits)
+            metrics["labnet"], lab_feats = _labnet_metrics(cfg, data, labnet_dir, img.bits, codes)
         img_feats = artifacts.load_train_outputs(imgnet_dir)[1]
         with atomic_dir(out_dir) as tmp:
             artifacts.write_json(tmp / artifacts.METRICS, metrics)
@@ -390,18 +390,26 @@ def evaluate(
     return metrics
 
 
-def _labnet_metrics(cfg: Config, data: PreparedData, labnet_dir, bits: int) -> tuple[dict, np.ndarray]:
-    """LabNet's own label retrieval (query label sets -> database label sets) and its training features."""
+def _labnet_metrics(cfg: Config, data: PreparedData, labnet_dir, bits: int, codes_db) -> tuple[dict, np.ndarray]:
+    """LabNet's own label retrieval (query label sets -> database label sets), search by labels
+    (LabNet's codes of the query label sets -> the database's image codes `codes_db`, what
+    `dseh search --labels` ranks) and LabNet's training features."""
     labnet, _ = load_labnet(labnet_dir)
     _, h_q = encode_labels(labnet, torch.from_numpy(data.labels[data.query]))
     _, h_db = encode_labels(labnet, torch.from_numpy(data.labels[data.database]))
     codes = np.empty((len(data.labels), packed_width(bits)), np.uint8)
     codes[data.query], codes[data.database] = pack(h_q.numpy()), pack(h_db.numpy())
     rep = evaluation.split_report(cfg.evaluate, data, codes, bits, (cfg.evaluate.topk,))
+    cross = np.array(codes_db, copy=True)
+    cross[data.query] = pack(h_q.numpy())
+    by_labels = evaluation.split_report(cfg.evaluate, data, cross, bits, (cfg.evaluate.topk,))
     lab_codes, lab_feats = artifacts.load_targets(labnet_dir)
     return {
         "label_map_all": rep.map_all,
         f"label_map_at_{rep.topk}": rep.map_topk,
+        "label_query_map_all": by_labels.map_all,
+        f"label_query_map_at_{rep.topk}": by_labels.map_topk,
+        "label_query_map_tie_aware": by_labels.map_tie_aware,
         "distinct_codes_train": count_distinct(pack(lab_codes)),
         "distinct_label_sets_train": int(len(np.unique(data.labels[data.train], axis=0))),
     }, lab_feats
@@ -417,11 +425,14 @@ def promote(
     eval_dir: str | Path,
     out_dir: str | Path | None,
     dry_run: bool = False,
+    labnet_dir: str | Path | None = None,
 ) -> dict:
     """Register the evaluated image network as a new version of tracking.registered_model and move
     `champion` to it when dseh.promotion.decide says so; with dry_run say what would happen and
     write nothing anywhere. decision.json is written only for a real promotion. The model that
-    train_imgnet logged (its summary's model_uri) is the one registered when the registry reaches it."""
+    train_imgnet logged (its summary's model_uri) is the one registered when the registry reaches it.
+    The retrieval model (tracking.retrieval_model) bundles it with `labnet_dir`, the round's LabNet
+    (for a method that trains one) and the database's codes, with the same aliases."""
     data = PreparedData(data_dir)
     metrics = artifacts.read_json(Path(eval_dir) / artifacts.METRICS, "run `dseh evaluate` first")
     img = load_step_model(imgnet_dir, ("imgnet", "linear-hash"))
@@ -437,7 +448,8 @@ def promote(
     else:
         summary = Path(imgnet_dir) / artifacts.SUMMARY
         trained = artifacts.read_json(summary).get("model_uri") if summary.is_file() else None
-        decision = promotion.register(cfg, candidate, imgnet_dir, data, trained)
+        labnet = labnet_dir if labnet_dir is not None and methods.get(img.method).needs_labnet else None
+        decision = promotion.register(cfg, candidate, imgnet_dir, data, trained, labnet)
         if out_dir is not None:
             with atomic_dir(out_dir) as tmp:
                 artifacts.write_json(tmp / artifacts.DECISION, decision)

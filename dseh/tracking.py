@@ -290,3 +290,101 @@ def log_imgnet_model(
                 f"mlflow=={mlflow.__version__}",
             ],
         )
+
+
+# --------------------------------------------------------------------------- the retrieval model
+
+RETRIEVAL_CODE = '''"""dseh's retrieval model, logged as code (MLflow models from code): no pickled object."""
+import mlflow
+
+from dseh.tracking import retrieval_model_class
+
+mlflow.models.set_model(retrieval_model_class()())
+'''
+
+
+def retrieval_model_class():
+    """The retrieval pyfunc class: `image` (uint8 (H, W, 3), flat) or `labels` (class names) rows in,
+    the top-k database items with Hamming distances out (dseh.retrieval.Retriever.answer); params
+    `k`. Every file it loads is weights-only torch, npy without pickles, or JSON. A bad request
+    raises MlflowException INVALID_PARAMETER_VALUE, which the scoring server answers with a 400."""
+    import mlflow.pyfunc
+
+    class Retrieval(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from dseh.artifacts import load_database
+            from dseh.models.factory import load_imgnet, load_labnet
+            from dseh.retrieval import Retriever
+
+            a = context.artifacts
+            imgnet, state = load_imgnet(a["imgnet"], a.get("backbone_weights", ""))
+            labnet = load_labnet(a["labnet"])[0].eval() if "labnet" in a else None
+            db = load_database(a["database"])
+            self.retriever = Retriever(imgnet, labnet, db, state.image_size, state.config.imgnet.encode_batch_size)
+
+        def predict(self, context, model_input, params=None):
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            try:
+                return self.retriever.answer(model_input, (params or {}).get("k", RETRIEVAL_K))
+            except DsehError as exc:
+                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+    return Retrieval
+
+
+RETRIEVAL_K = 10  # the default number of neighbours a request gets
+
+
+def log_retrieval_model(imgnet_dir: str | Path, labnet_dir: str | Path | None, db, example, name: str = "retrieval"):
+    """Log the retrieval model in the active run: the ImgNet (and LabNet) weights of the step
+    outputs, the Database `db` (dseh.artifacts), a signature (optional `image` and `labels`
+    columns, param `k`) and `example` (a DataFrame of one image and one label query); returns
+    ModelInfo. CNN-F's .mat travels with it (its layer shapes come from the file)."""
+    import mlflow
+    import torch
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    import dseh
+    from dseh.artifacts import load_step_model, save_database, save_weights
+    from dseh.models.backbones import NEEDS_FILE
+    from dseh.storage import local_copy
+
+    sig = ModelSignature(
+        inputs=Schema([
+            ColSpec(Array(DataType.long), "image", required=False),  # H * W * 3 values: nested lists cost 70 ms
+            ColSpec(Array(DataType.string), "labels", required=False),
+        ]),
+        outputs=Schema([ColSpec(DataType.long, c) for c in ("query", "rank", "id", "distance")]
+                       + [ColSpec(Array(DataType.string), "labels")]),
+        params=ParamSchema([ParamSpec("k", DataType.long, RETRIEVAL_K)]),
+    )  # fmt: skip
+    img = load_step_model(imgnet_dir, "imgnet")
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        t = Path(tmp)
+        save_weights(t / "imgnet", img)
+        save_database(t / "database", db)
+        (t / "retrieval_model.py").write_text(RETRIEVAL_CODE)
+        artifacts = {"imgnet": str(t / "imgnet"), "database": str(t / "database")}
+        if labnet_dir is not None:
+            save_weights(t / "labnet", load_step_model(labnet_dir, "labnet"))
+            artifacts["labnet"] = str(t / "labnet")
+        if img.config.imgnet.backbone in NEEDS_FILE:
+            data = img.config.data
+            weights = stack.enter_context(local_copy(img.config.imgnet.weights, data.s3_timeout_s, data.s3_retries))
+            artifacts["backbone_weights"] = str(weights)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(t / "retrieval_model.py"),
+            artifacts=artifacts,
+            code_paths=[str(Path(dseh.__file__).parent)],
+            signature=sig,
+            input_example=(example, {"k": RETRIEVAL_K}),
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"numpy=={np.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )

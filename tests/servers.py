@@ -50,6 +50,23 @@ def stop_pid(proc: subprocess.Popen, grace: float = 3.0) -> None:
         proc.wait(10)
 
 
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
+    """Poll `url` until it answers 200; a process that exits or a timeout raises with its log's tail."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the server behind {url} did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 class S3Server:
     KEY_ID, SECRET = "dseh-test", "dseh-test-secret"  # test-only keys of the loopback server
 
@@ -163,7 +180,6 @@ class MlflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server, tmp_path_factory):
     """A real `mlflow server` (SQLite backend, artifacts proxied to SeaweedFS) on a free port."""
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow")
     bucket = "dseh-mlflow"
@@ -198,18 +214,8 @@ def mlflow_server(s3_server, tmp_path_factory):
         start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_http(uri + "/health", proc, root / "server.log")
         yield MlflowServer(uri, proc, bucket)
     finally:
         stop_pid(proc, grace=5)

@@ -448,6 +448,7 @@ BACKBONES: dict[str, Callable[[str, int, float], Backbone]] = {
     "vgg16": _torchvision(VGG16),
     "resnet50": _torchvision(lambda _dropout: ResNet50()),
 }
+NEEDS_FILE = ("cnnf",)  # backbones whose layer shapes come from their weights file: rebuilt only with it
 
 
 def create_backbone(name: str, weights: str = "", image_size: int = 32, dropout: float = 0.5) -> Backbone:
