@@ -164,6 +164,7 @@ def evaluate(
 def promote(
     config: str,
     data: Input[Dataset],
+    labnet: Input[Model],
     imgnet: Input[Model],
     evaluation: Input[Artifact],
     decision: Output[Markdown],
@@ -173,7 +174,8 @@ def promote(
     from dseh.config import from_yaml_text
 
     kube.enter_pipeline_run(run_id)
-    d = stages.promote(from_yaml_text(config), data.path, imgnet.path, evaluation.path, None)
+    # the round's LabNet goes into the retrieval model, which then also answers label sets
+    d = stages.promote(from_yaml_text(config), data.path, imgnet.path, evaluation.path, None, labnet_dir=labnet.path)
     with open(decision.path, "w") as f:
         f.write(artifacts.markdown_table(["key", "value"], [[k, v] for k, v in d.items()]))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,12 +176,12 @@ class CompareConfig:
     val_fraction: float = 0.2  # validation queries carved from the training set for tuning
     tune_bits: int = 32
     # one string per trial, space-separated key=value overrides; every deep method gets as many trials,
-    # its reference recipe first
+    # its reference recipe first (params.yaml says what each trial is)
     trials_dseh: tuple[str, ...] = ("imgnet.lr_exp=3.5", "imgnet.lr_exp=3.2", "imgnet.lr_exp=3.5 imgnet.gamma_if=0.5")
-    trials_dpsh: tuple[str, ...] = ("dpsh.lr_exp=1.3", "dpsh.lr_exp=1.0", "dpsh.lr_exp=1.3 dpsh.eta=1.0")
+    trials_dpsh: tuple[str, ...] = ("dpsh.lr_exp=1.3", "dpsh.lr_exp=0.3", "dpsh.lr_exp=1.3 dpsh.eta=1.0")
     trials_hashnet: tuple[str, ...] = (
         "hashnet.lr_exp=2.5",
-        "hashnet.lr_exp=2.2",
+        "hashnet.optimizer=adam hashnet.lr_exp=3.5 hashnet.momentum=0 hashnet.weight_decay=0",
         "hashnet.lr_exp=2.5 hashnet.alpha_bits=20",
     )
     jobs: int = 2  # runs in parallel, one torch thread each (results do not depend on it)
@@ -223,6 +224,9 @@ _CHOICES = {
 _MAY_BE_EMPTY = {"compare.ablations", "compare.equal_time_bits"}  # lists that may opt out with []
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -248,16 +252,23 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if not math.isfinite(value):
-            raise DsehError(f"params key '{key}': expected a finite number, got {value!r}")
-        return float(value)
+        return _coerce_float(key, value, bad)
     if tp is str:
         if not isinstance(value, str):
             raise bad
         return value
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module
+
+
+def _coerce_float(key: str, value: Any, bad: DsehError) -> float:
+    """A finite number; `1e-5` is one too (a float in YAML 1.2 and to dvc, a string to PyYAML's 1.1)."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    if not math.isfinite(value):
+        raise DsehError(f"params key '{key}': expected a finite number, got {value!r}")
+    return float(value)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -141,7 +141,7 @@ def build_pipeline(opts: PipelineOptions):
         models = {"labnet": lab.outputs["labnet"], "imgnet": img.outputs["imgnet"]}
         ev = step(comp.evaluate(data=data, **models, **run), p, opts.gpus)
         # promotion always runs: it reads the registry's champion, which changes between runs
-        pro = comp.promote(data=data, imgnet=models["imgnet"], evaluation=ev.outputs["evaluation"], **run)
+        pro = comp.promote(data=data, **models, evaluation=ev.outputs["evaluation"], **run)
         step(pro, p, cache=False)
         table = step(comp.map_table(data_version=p["data_version"], data=data, **run), p, opts.gpus)
         table.set_display_name("MAP table over code lengths")

@@ -79,3 +79,12 @@ def test_resolved_config_round_trips(tmp_path):
 def test_missing_named_params_file(tmp_path):
     with pytest.raises(DsehError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text", ["1e-5", "1e-05", "2.5E-3", ".5e1"])
+def test_a_float_in_exponent_form_without_a_dot_is_a_float(text):
+    # PyYAML (YAML 1.1) reads 1e-5 as a string; dvc, YAML 1.2 and the pipeline's str(float) write it so
+    cfg = from_dict({}, [f"dpsh.weight_decay={text}"])
+    assert cfg.dpsh.weight_decay == float(text)
+    with pytest.raises(DsehError, match="dpsh.weight_decay"):
+        from_dict({}, ["dpsh.weight_decay=1e-5x"])

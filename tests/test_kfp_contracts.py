@@ -120,7 +120,7 @@ def test_each_component_sets_the_pipeline_run_from_its_input_before_the_step(mon
         c.train_labnet: _stub_inputs(data_version="v1", round_index=0, data=None, labnet=None),
         c.train_imgnet: _stub_inputs(data_version="v1", round_index=0, data=None, labnet=None, imgnet=None),
         c.evaluate: _stub_inputs(data=None, labnet=None, imgnet=None, evaluation=None, metrics=None, report=None),
-        c.promote: _stub_inputs(data=None, imgnet=None, evaluation=None, decision=None),
+        c.promote: _stub_inputs(data=None, labnet=None, imgnet=None, evaluation=None, decision=None),
         c.map_table: _stub_inputs(data_version="v1", data=None, table=None, table_csv=None),
     }
     for comp, kw in calls.items():
