@@ -2,7 +2,7 @@
 hashnet) on a prepared dataset's training split and report, at initialisation and after training,
 the mAP@ALL of the query split ranked against the training items, the distinct codes and constant
 bits over the training items, and the scale of u (mean |u|) against its spread across items (mean
-per-bit standard deviation). The runs behind docs/results.md#dpsh-collapse:
+per-bit standard deviation). The runs behind docs/results.md#dpsh-collapse-diagnosis:
 
     .venv/bin/dseh prepare -S data.source=fashion-mnist --out outputs-fashion/fashion-mnist/data
     .venv/bin/python benchmarks/probe_recipe.py outputs-fashion/fashion-mnist/data -S method=dpsh
