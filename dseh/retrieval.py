@@ -130,6 +130,8 @@ def served_queries(model_input) -> list[tuple[str, object]]:
         raise DsehError(
             f"the input must be rows with an 'image' or a 'labels' column, got {type(model_input).__name__}"
         )
+    if frame.empty:  # no rows, or (over HTTP) rows whose columns the signature does not name
+        raise DsehError("no queries: give one or more rows, each with an 'image' or a 'labels' column")
     unknown = sorted(set(frame.columns) - {"image", "labels"})
     if unknown:
         raise DsehError(f"unknown input column(s) {', '.join(map(str, unknown))}: give 'image' or 'labels'")
