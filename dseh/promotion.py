@@ -341,14 +341,13 @@ def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, 
 ENCODER_VERSION = "dseh.encoder_version"  # a retrieval version's tag: the image network's version it bundles
 
 
-def retrieval_database(imgnet_dir: str | Path, data):
-    """The Database (dseh.artifacts) of an ImgNet step output: its stored codes of the prepared
-    `data`'s database items, which `dseh search` ranks too."""
+def retrieval_database(imgnet_dir: str | Path, data, bits: int):
+    """The Database (dseh.artifacts) of an ImgNet step output of `bits`-bit codes: its stored codes
+    of the prepared `data`'s database items, which `dseh search` ranks too."""
     import numpy as np
 
-    from dseh.artifacts import Database, load_codes, load_step_model
+    from dseh.artifacts import Database, load_codes
 
-    bits = load_step_model(imgnet_dir, "imgnet").bits
     codes = load_codes(imgnet_dir, len(data.labels), bits)
     items = np.asarray(data.database, dtype=np.int64)
     return Database(codes[items], items, data.labels[items], list(data.classes), bits)
@@ -378,7 +377,7 @@ def register_retrieval(cfg: Config, cand: Candidate, imgnet_dir, labnet_dir, dat
     key = promotion_key(cfg, cand, imgnet_dir)
     found = find_promotion(client, name, key)
     if found is None:
-        info = tracking.log_retrieval_model(imgnet_dir, labnet_dir, retrieval_database(imgnet_dir, data),
+        info = tracking.log_retrieval_model(imgnet_dir, labnet_dir, retrieval_database(imgnet_dir, data, cand.bits),
                                             retrieval_example(data) if labnet_dir else retrieval_example(data)[:1])  # fmt: skip
         tags = {**cand.tags, PROMOTION_KEY: key, ENCODER_VERSION: str(encoder_version)}
         found = mlflow.register_model(info.model_uri, name, tags=tags)

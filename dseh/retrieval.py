@@ -98,10 +98,7 @@ class Retriever:
         index in the prepared data), distance, labels (its class names)."""
         import pandas as pd
 
-        queries = served_queries(model_input)
-        if not queries:
-            return pd.DataFrame({c: [] for c in ("query", "rank", "id", "distance", "labels")})
-        pos, dist = self.topk(queries, k)
+        pos, dist = self.topk(served_queries(model_input), k)  # served_queries refuses an empty request
         ids = self.db.ids[pos]
         n, kk = ids.shape
         return pd.DataFrame({

@@ -97,8 +97,11 @@ def search(
     index instead, `nprobe` cells per query for ivf."""
     if k < 1:
         raise DsehError(f"-k must be at least 1, got {k}")
+    names = [*images, *(labels or [])]
+    if not names:
+        raise DsehError("give query image files or --labels")
     data = PreparedData(data_dir)
-    parts, names = [], [*images, *(labels or [])]
+    parts = []
     if model_dir.startswith(("models:/", "runs:/")):
         if not codes_path:
             raise DsehError(
@@ -118,8 +121,6 @@ def search(
             parts.append(pack(encode_images(model, x, None, state.config.imgnet.encode_batch_size)[1]))
         if labels:
             parts.append(_labnet_queries(labnet_dir or round_labnet(model_dir), state.bits, data, labels))
-    if not names:
-        raise DsehError("give query image files or --labels")
     q = np.concatenate(parts)
     db_codes = item_codes(codes_file, data, data_dir)
     if q.shape[1] != db_codes.shape[1]:

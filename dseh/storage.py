@@ -126,14 +126,7 @@ def s3_error(exc: Exception, bucket: str, key: str) -> DsehError:
 def read_bytes(uri: str, timeout_s: float = 10.0, retries: int = 3) -> bytes:
     """The whole content of a local file or an S3 object."""
     if is_s3(uri):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        bucket, key = split_s3(uri)
-        try:
-            obj = _client(timeout_s, retries).get_object(Bucket=bucket, Key=key)
-            return obj["Body"].read()
-        except (BotoCoreError, ClientError) as exc:
-            raise s3_error(exc, bucket, key) from exc
+        return _s3_call(uri, timeout_s, retries, lambda c, b, k: c.get_object(Bucket=b, Key=k)["Body"].read())
     try:
         return Path(uri).read_bytes()
     except FileNotFoundError as exc:

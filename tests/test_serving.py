@@ -230,7 +230,7 @@ def test_a_retriever_without_labnet_refuses_label_sets_and_checks_k(promoted):
 
     data = PreparedData(promoted["data"])
     imgnet, state = load_imgnet(promoted["lay"].imgnet(0))
-    r = Retriever(imgnet, None, retrieval_database(promoted["lay"].imgnet(0), data), state.image_size, 64)
+    r = Retriever(imgnet, None, retrieval_database(promoted["lay"].imgnet(0), data, state.bits), state.image_size, 64)
     img = np.asarray(data.images[int(data.query[0])])
     out = r.answer(pd.DataFrame({"image": [img.ravel()]}), 3)
     assert list(out["id"]) == [
