@@ -11,6 +11,7 @@ import yaml
 
 from dseh import storage
 from dseh.config import DataConfig
+from dseh.data import sha256_file
 from dseh.errors import DsehError
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -40,11 +41,7 @@ def file_version(uri: str, root: Path, cfg: DataConfig) -> str:
             return f"md5:{md5}"
         if not Path(uri).is_file():
             raise DsehError(f"{uri} does not exist: give the run's data version with -S data_version=...")
-        digest = hashlib.sha256()
-        with open(uri, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return f"sha256:{digest.hexdigest()}"
+        return f"sha256:{sha256_file(Path(uri))}"
     return f"etag:{storage.etag(uri, cfg.s3_timeout_s, cfg.s3_retries)}"
 
 
