@@ -158,6 +158,21 @@ def _judge(cfg: Config, cand: Candidate, client, reg: str, data) -> tuple:
     return (champ, champ_value, *decide(cand.value, cand.tags, champ, cfg.promote.min_delta, None, champ_value))
 
 
+def set_alias(client, name: str, alias: str, version, attempts: int = 3) -> None:
+    """client.set_registered_model_alias, again when a concurrent promotion inserted the same alias
+    first: a SQL store answers that race with a unique-constraint error, and the retry updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or "UNIQUE constraint" not in str(exc):
+                raise
+            time.sleep(0.2)
+
+
 def settle_champion(client, name: str, attempts: int = 3) -> None:
     """Make the champion the best of the versions ever promoted on its dataset and protocol.
 
@@ -182,7 +197,7 @@ def settle_champion(client, name: str, attempts: int = 3) -> None:
             return
         if version_metric(best) <= (version_metric(champ) or float("-inf")):
             return
-        client.set_registered_model_alias(name, CHAMPION, best.version)
+        set_alias(client, name, CHAMPION, best.version)
         time.sleep(0.2)
 
 
@@ -314,7 +329,7 @@ def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, 
     else:
         source = model_uri if _reachable(model_uri) else log_step_model(cfg, imgnet_dir, data).model_uri
         version = mlflow.register_model(source, reg, tags={**cand.tags, PROMOTION_KEY: key}).version
-    client.set_registered_model_alias(reg, CHALLENGER, version)
+    set_alias(client, reg, CHALLENGER, version)
     champ, reevaluated, ok, reason = _judge(cfg, cand, client, reg, data)
     champ_metric = reevaluated if reevaluated is not None else (version_metric(champ) if champ is not None else None)
     verdict = "promoted" if ok else ("kept the champion" if champ is not None else "not promoted")
@@ -323,7 +338,7 @@ def _register_and_promote(cfg: Config, cand: Candidate, imgnet_dir: str | Path, 
     client.set_model_version_tag(reg, version, "dseh.champion_metric", repr(champ_metric))
     if ok:
         client.set_model_version_tag(reg, version, "dseh.promoted", "true")
-        client.set_registered_model_alias(reg, CHAMPION, version)
+        set_alias(client, reg, CHAMPION, version)
     settle_champion(client, reg)
     final = current_champion(client, reg)
     return {
@@ -404,7 +419,7 @@ def follow_aliases(client, encoder: str, retrieval: str) -> None:
             target = None
         match = [v for v in versions if target is not None and v.tags.get(ENCODER_VERSION) == str(target)]
         if match:
-            client.set_registered_model_alias(retrieval, alias, max(match, key=lambda v: int(v.version)).version)
+            set_alias(client, retrieval, alias, max(match, key=lambda v: int(v.version)).version)
             continue
         try:
             client.delete_registered_model_alias(retrieval, alias)
