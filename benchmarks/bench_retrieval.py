@@ -100,7 +100,7 @@ def nus_scale(rng, quick: bool, repeat: int, device: str | None = None) -> None:
     """The whole report (mAP@ALL, mAP@5000, tie-aware, P/R@N, PR curve), compiled and numpy, each on
     one thread, against faiss top-1000 search (1 thread) on the same codes, alternated `repeat` times;
     the best wall and CPU seconds of each (on a shared machine the CPU ratio is the steadier). Then
-    the compiled report on every CPU of this process."""
+    the compiled report on torch's threads (by default, the cores)."""
     nq2, ndb2 = (300, 40_000) if quick else (2100, 193_734)
     q2, db2, ql2, dbl2 = data(rng, nq2, ndb2, 64)
     qp2, dbp2 = pack(q2), pack(db2)

@@ -17,7 +17,6 @@ forms take the packed uint8 rows of dseh.codes.
 from __future__ import annotations
 
 import logging
-import os
 from functools import cache
 
 import numpy as np
@@ -340,11 +339,11 @@ def headline_metrics(rep: RetrievalReport) -> dict[str, float]:
 
 
 def cpu_threads() -> int:
-    """The CPUs this process may run on (its affinity mask, as a container's cpuset sets it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - platforms without affinity masks
-        return os.cpu_count() or 1
+    """The threads the CPU evaluation uses: torch's (train.threads sets them; by default, the cores
+    torch sees), so a step's evaluation keeps to its training's share of the machine."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def split_report(
@@ -354,7 +353,7 @@ def split_report(
     packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData).
 
     device: None computes on CUDA when present (dseh.evaluation_torch) and on the CPU otherwise
-    (retrieval_report, on every CPU this process may use); 'numpy' forces that CPU path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
+    (retrieval_report, on as many threads as torch uses); 'numpy' forces that CPU path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
     from dseh import evaluation_torch
 
     args = (

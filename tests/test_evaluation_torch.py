@@ -101,3 +101,20 @@ def test_cuda_report_equals_numpy():
     a = ev.retrieval_report(qp, dbp, ql, dbl, 64, 1000)
     b = evt.retrieval_report(qp, dbp, ql, dbl, 64, 1000, device="cuda", elements=1 << 16)
     assert_reports_equal(a, b)
+
+
+def test_split_report_on_the_cpu_uses_torchs_threads(monkeypatch):
+    qp, dbp, ql, dbl = case(6, 4, 50, 16)
+    data = SimpleNamespace(query=np.arange(4), database=np.arange(4, 54), labels=np.concatenate([ql, dbl]))
+    cfg = SimpleNamespace(topk=10, precision_at=(10,), query_chunk=3)
+    seen = []
+    real = ev.retrieval_report
+    monkeypatch.setattr(ev, "retrieval_report", lambda *a, **kw: seen.append(kw["threads"]) or real(*a, **kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ev.split_report(cfg, data, np.concatenate([qp, dbp]), 16)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
