@@ -17,7 +17,9 @@ forms take the packed uint8 rows of dseh.codes.
 from __future__ import annotations
 
 import logging
+import os
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from dseh.codes import pack, to_words
 from dseh.retrieval_metrics import (  # noqa: F401 - re-exported: dseh.evaluation's API
     ChunkParts,
     RetrievalReport,
+    check_report_inputs,
     label_words,
     report_from_parts,
     tie_aware_ap_from_histograms,
@@ -231,11 +234,15 @@ def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[
 
 @cache
 def _compiled():
-    """(dseh.evaluation_compiled, None), or (None, why) where it cannot load: numba missing, or no
-    writable place for its cache (set NUMBA_CACHE_DIR)."""
+    """(dseh.evaluation_compiled, None) once it has run a tiny report (so its compile, or its load
+    from numba's cache, is done), or (None, why) where numba is missing or that run failed (a
+    damaged numba cache: delete NUMBA_CACHE_DIR or dseh/__pycache__)."""
     try:
         from dseh import evaluation_compiled
-    except Exception as exc:  # pragma: no cover - exercised where numba is absent or unusable
+
+        one = np.ones((2, 1), dtype=np.uint64)
+        evaluation_compiled.report_parts(one, one, one, one, 64, 1, [1])
+    except Exception as exc:
         why = f"{type(exc).__name__}: {exc}"
         log.warning("the compiled evaluation is unavailable (%s); evaluating with numpy", why)
         return None, why
@@ -273,10 +280,12 @@ def retrieval_report(
     queries: distances to the whole database, one stable radix sort (distance, then index) that
     reorders (distance, relevance); the AP sums, the hits within N and the histograms by distance
     (for the PR curve and the tie-aware AP) come from the positions of the relevant ranks. Both
-    give the same counts; the AP sums agree to about 1e-15.
+    give the same counts; the AP sums agree to about 1e-14. Both raise a ValueError when the codes are
+    not `bits`-bit packed rows on both sides or the two label widths differ.
     """
     q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
     db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
+    check_report_inputs(q_packed, db_packed, q_labels, db_labels, bits)
     n_q, n_db = len(q_packed), len(db_packed)
     k = min(topk, n_db)
     qw, dw = label_words(q_labels), label_words(db_labels)
@@ -338,12 +347,24 @@ def headline_metrics(rep: RetrievalReport) -> dict[str, float]:
     return dict(zip(headline_keys(rep.topk), (rep.map_all, rep.map_topk, rep.map_tie_aware)))
 
 
+def _cpu_quota() -> int | None:
+    """The CPUs a cgroup v2 CPU limit allows this process (a container's limit), rounded up; None
+    without a limit."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+
+
 def cpu_threads() -> int:
-    """The threads the CPU evaluation uses: torch's (train.threads sets them; by default, the cores
-    torch sees), so a step's evaluation keeps to its training's share of the machine."""
+    """The threads the CPU evaluation uses: torch's thread count (train.threads where a step sets it,
+    as training and comparison jobs do), at most the CPUs this process may run on (its affinity mask)
+    and its container's CPU limit."""
     import torch
 
-    return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus, _cpu_quota() or cpus))
 
 
 def split_report(
@@ -353,7 +374,7 @@ def split_report(
     packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData).
 
     device: None computes on CUDA when present (dseh.evaluation_torch) and on the CPU otherwise
-    (retrieval_report, on as many threads as torch uses); 'numpy' forces that CPU path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
+    (retrieval_report, on cpu_threads()); 'numpy' forces that CPU path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
     from dseh import evaluation_torch
 
     args = (

@@ -6,10 +6,11 @@ histograms by distance, and for each relevant item its place among the items (an
 items) at its distance seen so far. Ranks are by distance, then database index, so a relevant item's
 rank is the number of items closer to the query plus that place, and its precision is the same with
 relevant items; a second, short pass over the relevant items sums the AP terms in database order.
-The counts are exact; the AP sums agree with the sorting path to about 1e-15 (another summation
+The counts are exact; the AP sums agree with the sorting path to about 1e-14 (another summation
 order). Query blocks run on threads (the kernel releases the GIL). Compiled on first use (about
-2 s); numba caches the machine code next to this module (or in NUMBA_CACHE_DIR) for later processes.
-dseh.evaluation imports this module only when it is used.
+3.5 s); numba caches the machine code (in NUMBA_CACHE_DIR, else beside this module, else in the
+user's cache folder) and later processes load it (about 0.7 s); with nowhere writable, each process
+compiles. dseh.evaluation imports this module only when it is used, and checks its inputs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,19 @@ def _popcount(typingctx, x):
     return types.int64(types.uint64), codegen
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _jit(**options):
+    """numba.njit with its on-disk cache, or without it where numba finds no writable cache folder."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # "no locator available": compile in each process instead
+            return numba.njit(**options)(fn)
+
+    return wrap
+
+
+@_jit(nogil=True, boundscheck=False, inline="always")
 def _place(d, r, h_all, h_rel, rel_d, rel_a, n_rel):
     """Count one item at distance d (relevant when r); a relevant one keeps its distance and its
     place among the items at that distance seen so far. Returns the relevant items so far."""
@@ -44,7 +57,7 @@ def _place(d, r, h_all, h_rel, rel_d, rel_a, n_rel):
     return n_rel + r
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit(nogil=True, boundscheck=False)
 def _scan_one_word(q_code, q_label, dw, dl, h_all, h_rel, rel_d, rel_a):
     """One query against the database when codes and labels are one word each (up to 64 bits and
     64 classes): the common case, with no inner loops."""
@@ -54,7 +67,7 @@ def _scan_one_word(q_code, q_label, dw, dl, h_all, h_rel, rel_d, rel_a):
     return n_rel
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit(nogil=True, boundscheck=False)
 def _scan_words(q_code, q_label, dw, dl, h_all, h_rel, rel_d, rel_a):
     """One query against the database, codes and labels of any number of words."""
     n_rel = 0
@@ -69,7 +82,7 @@ def _scan_words(q_code, q_label, dw, dl, h_all, h_rel, rel_d, rel_a):
     return n_rel
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit(nogil=True, boundscheck=False)
 def _rank_sums(n_rel, rel_d, rel_a, h_all, h_rel, cuts, hits):
     """(sum of precision at each relevant rank, the same within the first cuts[0] ranks) of one
     query, and its relevant items within each cut (into hits); relevant items in database order."""
@@ -93,12 +106,11 @@ def _rank_sums(n_rel, rel_d, rel_a, h_all, h_rel, cuts, hits):
     return sum_all, sum_k
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _report_rows(qw, dw, ql, dl, cuts, sums, hits, hist_all, hist_rel, rel_d, rel_a):
-    """Each query row's AP sums, hits within the cuts and histograms by distance."""
+@_jit(nogil=True, boundscheck=False)
+def _report_rows(qw, dw, ql, dl, dw1, dl1, cuts, sums, hits, hist_all, hist_rel, rel_d, rel_a):
+    """Each query row's AP sums, hits within the cuts and histograms by distance; dw1 and dl1 are
+    the database's only code and label words when both are one word (else empty)."""
     one_word = dw.shape[1] == 1 and dl.shape[1] == 1
-    dw1 = np.ascontiguousarray(dw[:, 0])
-    dl1 = np.ascontiguousarray(dl[:, 0])
     for i in range(qw.shape[0]):
         h_all = hist_all[i]
         h_rel = hist_rel[i]
@@ -114,26 +126,27 @@ def _report_rows(qw, dw, ql, dl, cuts, sums, hits, hist_all, hist_rel, rel_d, re
 def report_parts(qw, dw, ql, dl, bits: int, k: int, cuts: list[int], threads: int = 1):
     """(ap_all, ap_topk, hits within each cut, hist_all, hist_rel) of the queries' uint64 code and
     label words (qw, ql) against the database's (dw, dl); k the top-K of ap_topk, cuts the N of
-    precision and recall@N (each at most the database size)."""
+    precision and recall@N (each at most the database size). The caller checks the shapes: code words
+    of both sides alike with no distance above `bits`, label words alike and at least one."""
     m, n = len(qw), len(dw)
     cut_arr = np.asarray([k, *cuts], dtype=np.int64)
     sums = np.zeros((m, 2))
     hits = np.zeros((m, len(cut_arr)), dtype=np.int64)
     hist_all = np.zeros((m, bits + 1), dtype=np.int64)
     hist_rel = np.zeros((m, bits + 1), dtype=np.int64)
-    d_type = np.uint8 if bits < 256 else np.uint16
+    d_type = np.uint8 if bits < 1 << 8 else np.uint16 if bits < 1 << 16 else np.uint32
     place_type = np.int32 if n < 2**31 else np.int64
-    args = [np.ascontiguousarray(a, dtype=np.uint64) for a in (qw, dw, ql, dl)]
-    if args[2].shape[1] == 0:  # no classes at all: nothing is relevant
-        args[2], args[3] = np.zeros((m, 1), np.uint64), np.zeros((n, 1), np.uint64)
+    qw, dw, ql, dl = (np.ascontiguousarray(a, dtype=np.uint64) for a in (qw, dw, ql, dl))
+    one_word = dw.shape[1] == 1 and dl.shape[1] == 1
+    dw1, dl1 = (dw.reshape(-1), dl.reshape(-1)) if one_word else (np.empty(0, np.uint64),) * 2
 
     def block(s: int, e: int) -> None:
         _report_rows(
-            args[0][s:e], args[1], args[2][s:e], args[3], cut_arr,
+            qw[s:e], dw, ql[s:e], dl, dw1, dl1, cut_arr,
             sums[s:e], hits[s:e], hist_all[s:e], hist_rel[s:e], np.empty(n, d_type), np.empty(n, place_type),
         )  # fmt: skip
 
-    threads = max(1, min(threads, m))
+    threads = max(1, min(int(threads), m))
     edges = np.linspace(0, m, threads + 1).astype(int)
     if threads == 1:
         block(0, m)

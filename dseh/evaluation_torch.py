@@ -5,8 +5,8 @@ distance by XOR + popcount of packed uint8 codes, ranking by ascending distance 
 database index (a stable sort), relevance as 'shares a label' on 64-bit label words. Per query chunk
 the device computes the distances, the ranking, the relevance in rank order, AP@ALL, AP@topk, the hits
 within each N and the histograms by distance; the (queries x (bits + 1)) tail (tie-aware AP, the PR
-curve, precision and recall@N) is `dseh.retrieval_metrics.report_from_parts`, shared with the numpy path.
-Counts and ranks are exact; the AP sums differ from numpy's only in float summation order.
+curve, precision and recall@N) is `dseh.retrieval_metrics.report_from_parts`, shared with the CPU paths.
+Counts and ranks are exact; the AP sums differ from the CPU paths' only in float summation order.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ _ELEMENTS = 1 << 26  # query rows x database rows per chunk (about 45 bytes each
 
 def resolve_device(device=None) -> torch.device | None:
     """The torch device to evaluate on: `device` as given ('cpu', 'cuda', 'cuda:1', a torch.device),
-    None for CUDA when present, and None back for 'numpy' or for None without CUDA (the numpy path)."""
+    None for CUDA when present, and None back for 'numpy' or for None without CUDA (the CPU path of
+    dseh.evaluation)."""
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else None
     if isinstance(device, str) and device == "numpy":
@@ -89,6 +90,7 @@ def retrieval_report(q_packed: np.ndarray, db_packed: np.ndarray, q_labels: np.n
     """dseh.evaluation.retrieval_report on a torch device; same arguments, plus `device` and the
     chunk budget `elements` (query rows x database rows); `chunk` caps the rows of a chunk."""
     device = torch.device(device)
+    rm.check_report_inputs(np.asarray(q_packed), np.asarray(db_packed), q_labels, db_labels, bits)
     n_q, n_db = len(q_packed), len(db_packed)
     k = min(topk, n_db)
     ns = sorted(set(int(n) for n in precision_at))

@@ -1,6 +1,6 @@
-"""The per-query parts of a retrieval report and the report built from them, shared by the numpy
-evaluation (dseh.evaluation) and the torch one (dseh.evaluation_torch); definitions in
-docs/evaluation.md. dseh.evaluation re-exports every name here."""
+"""The per-query parts of a retrieval report and the report built from them, shared by the CPU
+evaluation (dseh.evaluation: compiled and numpy) and the torch one (dseh.evaluation_torch);
+definitions in docs/evaluation.md. dseh.evaluation re-exports every name here."""
 
 from __future__ import annotations
 
@@ -8,13 +8,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dseh.codes import to_words
+from dseh.codes import packed_width, to_words
 
 
 def label_words(labels: np.ndarray) -> np.ndarray:
-    """(N, c) {0,1} labels -> (N, ceil(c/64)) uint64 bit sets, for fast 'shares a label' tests."""
-    bits = np.packbits(np.asarray(labels, dtype=bool), axis=1)
-    return to_words(bits)
+    """(N, c) {0,1} labels -> (N, max(1, ceil(c/64))) uint64 bit sets, for fast 'shares a label'
+    tests (no classes at all: one all-zero word, so nothing is relevant)."""
+    labels = np.asarray(labels, dtype=bool)
+    if labels.shape[1] == 0:
+        return np.zeros((len(labels), 1), dtype=np.uint64)
+    return to_words(np.packbits(labels, axis=1))
+
+
+def check_report_inputs(q_packed, db_packed, q_labels, db_labels, bits: int) -> None:
+    """Packed codes of `bits` bits on both sides (no padding bit set, so no distance exceeds bits)
+    and labels of one width on both sides; a ValueError naming the mismatch otherwise."""
+    width = packed_width(bits)
+    for name, codes in (("query", q_packed), ("database", db_packed)):
+        if codes.ndim != 2 or codes.shape[1] != width:
+            raise ValueError(
+                f"{name} codes: expected packed rows of {width} bytes for {bits} bits, got shape {codes.shape}"
+            )
+        if bits % 8 and len(codes) and (codes[:, -1] & ((1 << (8 - bits % 8)) - 1)).any():
+            raise ValueError(f"{name} codes: bits beyond the {bits} code bits are set (not packed by dseh.codes.pack)")
+    q_cls, db_cls = np.shape(q_labels)[-1], np.shape(db_labels)[-1]
+    if q_cls != db_cls:
+        raise ValueError(f"query labels have {q_cls} classes, database labels {db_cls}")
 
 
 @dataclass

@@ -192,28 +192,87 @@ def test_report_equals_the_argsort_reference(bits, ndb, topk, chunk, backend):
     assert rep.queries_without_relevant == ref.queries_without_relevant >= 1
 
 
-def test_compiled_report_same_on_any_threads_and_without_classes():
+def test_compiled_report_same_on_any_threads_and_both_paths_without_classes():
     q, db, ql, dbl = random_case(np.random.default_rng(2), nq=13, ndb=400, bits=32)
     one = ev.retrieval_report(pack(q), pack(db), ql, dbl, 32, 50, backend="compiled")
     for threads in (2, 5, 64):
         many = ev.retrieval_report(pack(q), pack(db), ql, dbl, 32, 50, backend="compiled", threads=threads)
         for name in ("ap_all", "ap_topk", "ap_tie_aware", "pr_precision"):
             assert np.array_equal(getattr(one, name), getattr(many, name)), (threads, name)
-    none = ev.retrieval_report(pack(q), pack(db), ql[:, :0], dbl[:, :0], 32, 50, backend="compiled")
-    assert none.queries_without_relevant == len(q) and none.map_all == 0.0
+    for backend in ("compiled", "numpy"):
+        none = ev.retrieval_report(pack(q), pack(db), ql[:, :0], dbl[:, :0], 32, 50, backend=backend)
+        assert none.queries_without_relevant == len(q) and none.map_all == 0.0
     with pytest.raises(ValueError, match="unknown backend"):
         ev.retrieval_report(pack(q), pack(db), ql, dbl, 32, 50, backend="gpu")
 
 
 def test_compiled_report_caches_its_machine_code_in_numba_cache_dir(tmp_path):
     """The image sets NUMBA_CACHE_DIR (its package folder is read-only to the step's user): the
-    compiled kernel goes there, and a second process loads it."""
+    compiled kernel goes there, and a second process loads it from there instead of compiling."""
     script = (
-        "import numpy as np; from dseh import evaluation as ev; from dseh.codes import pack;"
+        "import numpy as np; from dseh import evaluation as ev, evaluation_compiled as ec; from dseh.codes import pack;"
         "c = pack(np.where(np.eye(8) > 0, 1, -1)); l = np.eye(8, dtype=np.uint8);"
-        "r = ev.retrieval_report(c, c, l, l, 8, 3, (1, 2), backend='compiled'); assert r.map_all == 1.0, r.map_all"
+        "r = ev.retrieval_report(c, c, l, l, 8, 3, (1, 2), backend='compiled'); assert r.map_all == 1.0, r.map_all;"
+        "print(sum(ec._report_rows.stats.cache_hits.values()), sum(ec._report_rows.stats.cache_misses.values()))"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    for _ in range(2):
-        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120, capture_output=True, text=True)
+        for _ in range(2)
+    ]
     assert list(tmp_path.rglob("*.nbi")) and list(tmp_path.rglob("*.nbc"))
+    assert runs[0].stdout.split() == ["0", "1"], runs[0].stdout  # compiled, then stored
+    assert runs[1].stdout.split() == ["1", "0"], runs[1].stdout  # loaded
+
+
+def test_auto_backend_falls_back_to_numpy_where_the_compiled_path_is_unavailable(monkeypatch):
+    q, db, ql, dbl = random_case(np.random.default_rng(4), nq=5, ndb=60, bits=16)
+    want = ev.retrieval_report(pack(q), pack(db), ql, dbl, 16, 10, backend="numpy")
+    monkeypatch.setattr(ev, "_compiled", lambda: (None, "ImportError: No module named 'numba'"))
+    got = ev.retrieval_report(pack(q), pack(db), ql, dbl, 16, 10)
+    assert np.array_equal(got.ap_all, want.ap_all)
+    with pytest.raises(RuntimeError, match="compiled evaluation is unavailable.*numba"):
+        ev.retrieval_report(pack(q), pack(db), ql, dbl, 16, 10, backend="compiled")
+
+
+def test_a_failing_compiled_path_is_caught_on_its_first_run(monkeypatch):
+    """A damaged numba cache fails on the first call, not at import: _compiled runs a tiny report, so
+    that failure sends 'auto' to numpy with the reason."""
+    from dseh import evaluation_compiled
+
+    def broken(*a, **kw):
+        raise EOFError("pickle data was truncated")
+
+    ev._compiled.cache_clear()
+    monkeypatch.setattr(evaluation_compiled, "report_parts", broken)
+    try:
+        module, why = ev._compiled()
+        assert module is None and "pickle data was truncated" in why
+    finally:
+        ev._compiled.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+def test_report_refuses_codes_and_labels_that_do_not_match(backend):
+    q, db, ql, dbl = random_case(np.random.default_rng(8), nq=4, ndb=30, bits=13)
+    qp, dbp = pack(q), pack(db)
+    padded = dbp.copy()
+    padded[3, -1] |= 1  # a bit beyond the 13 code bits
+    cases = [
+        ((qp, padded, ql, dbl, 13), "bits beyond the 13 code bits"),
+        ((qp, dbp, ql, dbl, 4), "expected packed rows of 1 bytes for 4 bits"),
+        ((qp, np.concatenate([dbp, dbp], 1), ql, dbl, 13), "database codes: expected packed rows of 2 bytes"),
+        ((qp, dbp, ql, np.zeros((30, 100), np.uint8), 13), "query labels have 5 classes, database labels 100"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ev.retrieval_report(*args, 10, backend=backend)
+
+
+def test_one_word_codes_with_labels_of_several_words():
+    q, db, ql, dbl = random_case(np.random.default_rng(9), nq=12, ndb=500, bits=48, classes=150)
+    a = ev.retrieval_report(pack(q), pack(db), ql, dbl, 48, 40, (5, 50), backend="numpy")
+    b = ev.retrieval_report(pack(q), pack(db), ql, dbl, 48, 40, (5, 50), backend="compiled", threads=2)
+    np.testing.assert_allclose(b.ap_all, a.ap_all, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(b.ap_topk, a.ap_topk, rtol=1e-12, atol=0)
+    assert a.precision_at == b.precision_at and np.array_equal(a.pr_recall, b.pr_recall)

@@ -1,5 +1,6 @@
-"""The torch evaluation (dseh.evaluation_torch) against the numpy report, on CPU tensors: counts and
-ranks exactly, float sums to 1e-9 relative; and split_report's choice of path."""
+"""The torch evaluation (dseh.evaluation_torch) against the CPU report (dseh.evaluation, compiled where
+numba loads), on CPU tensors: counts and ranks exactly, float sums to 1e-9 relative; and
+split_report's choice of path."""
 
 from types import SimpleNamespace
 
@@ -44,7 +45,7 @@ def assert_reports_equal(a: ev.RetrievalReport, b: ev.RetrievalReport) -> None:
         (200, 5, 90, 30, None, 2),  # wider keys on the numpy side
     ],
 )
-def test_torch_report_equals_numpy(bits, nq, ndb, topk, distinct, chunk):
+def test_torch_report_equals_the_cpu_report(bits, nq, ndb, topk, distinct, chunk):
     classes = 130 if bits == 100 else 5
     qp, dbp, ql, dbl = case(bits, nq, ndb, bits, classes, distinct=distinct)
     ns = (1, 10, 100, 5000)
@@ -96,7 +97,7 @@ def test_split_report_device_choice(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_report_equals_numpy():
+def test_cuda_report_equals_the_cpu_report():
     qp, dbp, ql, dbl = case(9, 40, 5000, 64, classes=21, p=0.12, distinct=300)
     a = ev.retrieval_report(qp, dbp, ql, dbl, 64, 1000)
     b = evt.retrieval_report(qp, dbp, ql, dbl, 64, 1000, device="cuda", elements=1 << 16)
