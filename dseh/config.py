@@ -127,6 +127,10 @@ class EvaluateConfig:
     example_topk: int = 10  # database images shown per example query
     query_chunk: int = 256
     collapse_min_distinct: int = 16  # fewer distinct database codes (capped at its label sets), or all bits constant
+    verify_codes: bool = (
+        True  # re-encode the database with the image network on the step's device, check the stored codes
+    )
+    verify_max_mismatch: float = 0.001  # the largest share of database items whose re-encoded code may differ
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,7 @@ _AT_LEAST: dict[str, float] = {
     "labnet.epochs": 0, "imgnet.epochs": 0, "imgnet.encode_batch_size": 1, "data.image_size": 8,
     "data.chunk_size": 1, "data.max_pixels": 1, "data.workers": 1, "data.s3_retries": 0, "evaluate.topk": 1,
     "evaluate.precision_at": 1, "evaluate.radius": 0, "evaluate.query_chunk": 1, "evaluate.collapse_min_distinct": 1,
-    "evaluate.example_queries": 1, "evaluate.example_topk": 1,
+    "evaluate.example_queries": 1, "evaluate.example_topk": 1, "evaluate.verify_max_mismatch": 0,
     "train.step_epochs": 1, "imgnet.dropout": 0, "imgnet.code_target": 0, "imgnet.shift": 0, "labnet.clip_value": 0, "imgnet.clip_value": 0,
     "train.threads": 0, "train.loader_workers": 0,
     "sweep.bits": 1, "compare.bits": 1, "compare.jobs": 1, "compare.seeds": 0, "hashnet.step_size": 1,
@@ -341,7 +345,7 @@ _AT_LEAST: dict[str, float] = {
 }  # fmt: skip
 _AT_MOST = {
     "bits": 4096, "sweep.bits": 4096, "compare.bits": 4096, "imgnet.dropout": 1, "imgnet.code_target": 1,
-    "train.momentum": 1, "dpsh.momentum": 1, "hashnet.momentum": 1,
+    "train.momentum": 1, "dpsh.momentum": 1, "hashnet.momentum": 1, "evaluate.verify_max_mismatch": 1,
 }  # fmt: skip
 _NOT_EMPTY = ("tracking.experiment", "tracking.registered_model", "promote.metric", "train.device", "data.device")
 _ABOVE_ZERO = ("data.s3_timeout_s", "tracking.timeout_s", "compare.val_fraction", "promote.min_delta")

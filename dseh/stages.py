@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dseh import artifacts, evaluation, linear, methods, promotion, report, tracking
+from dseh import artifacts, evaluation, linear, methods, promotion, report, stored_codes, tracking
 from dseh.artifacts import TARGETS, TRAIN_OUTPUTS, StepModel, load_step_model, save_step_model
 from dseh.codes import count_distinct, pack, packed_width, sign
 from dseh.config import Config, dump_config, epochs_for_round, to_dict, values
 from dseh.data import MANIFEST, PreparedData, as_prepared, open_source, write_prepared
 from dseh.encoder import encode_images
 from dseh.errors import DsehError
-from dseh.models.factory import build_imgnet, build_labnet, load_imgnet, load_labnet
+from dseh.models.factory import build_imgnet, build_labnet, load_labnet
 from dseh.models.nets import FEATURE_DIM, ImgNet
 from dseh.storage import atomic_dir
 from dseh.train import device as dev
@@ -55,7 +55,10 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train_labnet": ("seed", "bits", "method", *_LABNET, *_TRAIN),
     "train_imgnet": ("seed", "bits", "method", *_IMGNET, *_TRAIN, *_keys("train", "amp channels_last"), *_BASELINE),
     "evaluate": ("seed", "train.rounds", "train.device", "imgnet.encode_batch_size")
-    + _keys("evaluate", "topk precision_at radius heatmap_items example_queries example_topk collapse_min_distinct"),
+    + _keys(
+        "evaluate",
+        "topk precision_at radius heatmap_items example_queries example_topk collapse_min_distinct verify_codes verify_max_mismatch",
+    ),
     "promote": _keys("promote", "metric min_delta")
     + _keys("tracking", "enabled registered_model retrieval_model")
     + ("imgnet.encode_batch_size",),
@@ -360,14 +363,12 @@ def evaluate(
             )
         _check_compatible(img, None, data, imgnet_dir)
         if encode:
-            if img.kind != "imgnet":
-                raise DsehError(f"{imgnet_dir} holds {img.method} codes, not an image network: --encode needs one")
-            device = dev.resolve_device(cfg.train.device)
-            model = load_imgnet(imgnet_dir)[0].to(device)
-            codes = pack(encode_images(model, data.images, None, cfg.imgnet.encode_batch_size, device, progress)[1])
+            codes = stored_codes.encode_all(cfg, data, img, imgnet_dir, progress)
         else:
             codes = artifacts.load_codes(imgnet_dir, len(data.labels), img.bits)
+        verified = {} if encode else stored_codes.verify(cfg, data, img, imgnet_dir, codes, progress)
         metrics, rep = evaluation.split_metrics(cfg.evaluate, data, codes, img.bits)
+        metrics.update(verified)
         lab_feats = None
         if methods.get(img.method).needs_labnet:
             metrics["labnet"], lab_feats = _labnet_metrics(cfg, data, labnet_dir, img.bits, codes)

@@ -381,3 +381,33 @@ def test_an_index_is_written_beside_the_step_output_not_inside_it(trained, capsy
     out = json.loads(capsys.readouterr().out)["index"]
     assert out == str(trained.imgnet(0).parent / "round0-index-ivf.faiss")
     assert not list(trained.imgnet(0).glob("index-*"))
+
+
+def test_evaluate_refuses_stored_codes_that_its_model_does_not_give(trained, tmp_path):
+    """evaluate re-encodes the database with the image network (evaluate.verify_codes) and fails,
+    naming the share, when the stored codes are another model's; within verify_max_mismatch it
+    records the count and evaluates the stored codes."""
+    import shutil
+
+    import numpy as np
+
+    model = tmp_path / "imgnet"
+    shutil.copytree(trained.imgnet(0), model)
+    data = stages.as_prepared(trained.data)
+    codes = np.load(model / artifacts.CODES)
+    db = data.database
+    metrics = json.loads((trained.eval / artifacts.METRICS).read_text())
+    assert metrics["codes_verified"] == {"device": "cpu", "items": len(db), "mismatched": 0}
+    codes[db[:3]] ^= 0xFF  # three database codes that the model does not give
+    np.save(model / artifacts.CODES, codes)
+    cfg = from_dict(tiny_raw())
+    with pytest.raises(DsehError, match=rf"3 of {len(db)} stored database codes .* differ .*verify_max_mismatch"):
+        stages.evaluate(cfg, trained.data, trained.labnet(0), model, tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()  # nothing half-written
+    raw = tiny_raw()
+    raw["evaluate"] = {**raw.get("evaluate", {}), "verify_max_mismatch": 0.5}
+    got = stages.evaluate(from_dict(raw), trained.data, trained.labnet(0), model, tmp_path / "eval", progress=False)
+    assert got["codes_verified"]["mismatched"] == 3
+    raw["evaluate"]["verify_codes"] = False
+    got = stages.evaluate(from_dict(raw), trained.data, trained.labnet(0), model, tmp_path / "eval2", progress=False)
+    assert "codes_verified" not in got
