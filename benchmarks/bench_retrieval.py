@@ -125,7 +125,7 @@ def nus_scale(rng, quick: bool, repeat: int, device: str | None = None) -> None:
     assert np.array_equal(rep_mt.ap_all, rep2.ap_all)
     fw, fc = best["faiss top-1000"]
     print(
-        f"NUS-WIDE scale {nq2} x {ndb2}, 64 bits: mAP@ALL {rep2.map_all:.4f} (and mAP@5000, tie-aware, PR), "
+        f"{'smaller run,' if quick else 'NUS-WIDE scale'} {nq2} x {ndb2}, 64 bits: mAP@ALL {rep2.map_all:.4f} (and mAP@5000, tie-aware, PR), "
         f"compiled report's peak traced {peak2:.1f} MiB; best of {repeat}"
     )
     for name in names:

@@ -232,6 +232,9 @@ def _numpy_chunk(dist: np.ndarray, rel: np.ndarray, bits: int, k: int, ns: list[
     return ap_all, ap_k, hits[:, 1:], hist_all, hist_rel
 
 
+_CACHE_HINT = "a damaged numba cache: delete NUMBA_CACHE_DIR, or dseh/__pycache__ where it is unset"
+
+
 @cache
 def _compiled():
     """(dseh.evaluation_compiled, None) once it has run a tiny report (so its compile, or its load
@@ -243,7 +246,7 @@ def _compiled():
         one = np.ones((2, 1), dtype=np.uint64)
         evaluation_compiled.report_parts(one, one, one, one, 64, 1, [1])
     except Exception as exc:
-        why = f"{type(exc).__name__}: {exc}"
+        why = f"{type(exc).__name__}: {exc}; {_CACHE_HINT}" if not isinstance(exc, ImportError) else str(exc)
         log.warning("the compiled evaluation is unavailable (%s); evaluating with numpy", why)
         return None, why
     return evaluation_compiled, None
@@ -292,11 +295,21 @@ def retrieval_report(
     ns = sorted(set(int(n) for n in precision_at))
     parts = ChunkParts.empty(n_q, len(ns), bits)
     compiled = _compiled_backend(backend)
-    if compiled is not None and n_q and n_db:
+    if compiled is not None:
         cuts = [min(n, n_db) for n in ns]
         code_q, code_db = to_words(q_packed), to_words(db_packed)
-        parts.put(0, n_q, *compiled.report_parts(code_q, code_db, qw, dw, bits, k, cuts, threads))
-        return report_from_parts(parts, bits, k, ns, n_db)
+        try:
+            parts.put(0, n_q, *compiled.report_parts(code_q, code_db, qw, dw, bits, k, cuts, threads))
+            return report_from_parts(parts, bits, k, ns, n_db)
+        except Exception as exc:  # a kernel variant (wide codes) whose numba cache entry is damaged
+            if backend == "compiled":
+                raise
+            log.warning(
+                "the compiled evaluation failed (%s: %s; %s); evaluating with numpy",
+                type(exc).__name__,
+                exc,
+                _CACHE_HINT,
+            )
     rows = _rows_per_chunk(n_db, chunk, _REPORT_ELEMENTS)
     scratch = np.zeros(min(rows, n_q) * n_db)
     for s in range(0, n_q, rows):
@@ -374,7 +387,7 @@ def split_report(
     packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData).
 
     device: None computes on CUDA when present (dseh.evaluation_torch) and on the CPU otherwise
-    (retrieval_report, on cpu_threads()); 'numpy' forces that CPU path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
+    (retrieval_report, compiled where numba loads, on cpu_threads()); 'numpy' forces its numpy path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
     from dseh import evaluation_torch
 
     args = (
@@ -389,7 +402,7 @@ def split_report(
     )
     target = evaluation_torch.resolve_device(device)
     if target is None:
-        return retrieval_report(*args, threads=cpu_threads())
+        return retrieval_report(*args, backend="numpy" if device == "numpy" else "auto", threads=cpu_threads())
     log.info("evaluating on %s", target)
     return evaluation_torch.retrieval_report(*args, device=target)
 

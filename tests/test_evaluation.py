@@ -235,6 +235,26 @@ def test_auto_backend_falls_back_to_numpy_where_the_compiled_path_is_unavailable
         ev.retrieval_report(pack(q), pack(db), ql, dbl, 16, 10, backend="compiled")
 
 
+def test_a_kernel_variant_failing_later_sends_auto_to_numpy(monkeypatch, caplog):
+    """Wide codes use another compiled variant than _compiled's first run: its failure (a damaged
+    cache entry) still ends in numpy for 'auto', with the reason, and is raised for 'compiled'."""
+    from dseh import evaluation_compiled
+
+    q, db, ql, dbl = random_case(np.random.default_rng(6), nq=5, ndb=40, bits=300)
+    want = ev.retrieval_report(pack(q), pack(db), ql, dbl, 300, 10, backend="numpy")
+    ev._compiled()  # loaded before the damage
+
+    def damaged(*a, **kw):
+        raise EOFError("pickle data was truncated")
+
+    monkeypatch.setattr(evaluation_compiled, "report_parts", damaged)
+    got = ev.retrieval_report(pack(q), pack(db), ql, dbl, 300, 10)
+    assert np.array_equal(got.ap_all, want.ap_all)
+    assert "compiled evaluation failed (EOFError: pickle data was truncated; a damaged numba cache" in caplog.text
+    with pytest.raises(EOFError):
+        ev.retrieval_report(pack(q), pack(db), ql, dbl, 300, 10, backend="compiled")
+
+
 def test_a_failing_compiled_path_is_caught_on_its_first_run(monkeypatch):
     """A damaged numba cache fails on the first call, not at import: _compiled runs a tiny report, so
     that failure sends 'auto' to numpy with the reason."""
@@ -263,6 +283,11 @@ def test_report_refuses_codes_and_labels_that_do_not_match(backend):
         ((qp, dbp, ql, dbl, 4), "expected packed rows of 1 bytes for 4 bits"),
         ((qp, np.concatenate([dbp, dbp], 1), ql, dbl, 13), "database codes: expected packed rows of 2 bytes"),
         ((qp, dbp, ql, np.zeros((30, 100), np.uint8), 13), "query labels have 5 classes, database labels 100"),
+        ((qp, dbp, ql[:2], dbl, 13), r"query labels: expected 4 rows \(one per code\), got shape \(2, 5\)"),
+        ((qp, dbp, ql, dbl[:1], 13), r"database labels: expected 30 rows"),
+        ((qp, dbp, ql, dbl[:, 0], 13), r"database labels: expected 30 rows .* got shape \(30,\)"),
+        ((qp[:0], dbp, ql[:0], dbl, 13), "no query codes"),
+        ((qp, dbp[:0], ql, dbl[:0], 13), "no database codes"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):

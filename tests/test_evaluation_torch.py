@@ -90,7 +90,9 @@ def test_split_report_device_choice(monkeypatch):
     c = ev.split_report(cfg, data, codes, 16, device="numpy")
     assert calls == [torch.device("cpu")]
     assert_reports_equal(a, b)
-    assert np.array_equal(a.ap_all, c.ap_all)
+    assert_reports_equal(a, c)
+    direct = ev.retrieval_report(qp, dbp, ql, dbl, 16, 50, (10, 50), 3, backend="numpy")
+    assert np.array_equal(c.ap_all, direct.ap_all)  # 'numpy': the numpy path itself
     assert evt.resolve_device(None) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert evt.resolve_device(None) == torch.device("cuda")
