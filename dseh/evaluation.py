@@ -283,8 +283,9 @@ def retrieval_report(
     queries: distances to the whole database, one stable radix sort (distance, then index) that
     reorders (distance, relevance); the AP sums, the hits within N and the histograms by distance
     (for the PR curve and the tie-aware AP) come from the positions of the relevant ranks. Both
-    give the same counts; the AP sums agree to about 1e-14. Both raise a ValueError when the codes are
-    not `bits`-bit packed rows on both sides or the two label widths differ.
+    give the same counts; the AP sums agree to about 1e-14. Bad inputs (an empty side, codes that are
+    not `bits`-bit packed rows, labels that are not one row per code or differ in width) end in a
+    ValueError from retrieval_metrics.check_report_inputs.
     """
     q_packed = np.ascontiguousarray(q_packed, dtype=np.uint8)
     db_packed = np.ascontiguousarray(db_packed, dtype=np.uint8)
@@ -365,9 +366,9 @@ def _cpu_quota() -> int | None:
     without a limit."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
         return None
-    return None if quota == "max" else max(1, -(-int(quota) // int(period)))
 
 
 def cpu_threads() -> int:
