@@ -127,9 +127,7 @@ class EvaluateConfig:
     example_topk: int = 10  # database images shown per example query
     query_chunk: int = 256
     collapse_min_distinct: int = 16  # fewer distinct database codes (capped at its label sets), or all bits constant
-    verify_codes: bool = (
-        True  # re-encode the database with the image network on the step's device, check the stored codes
-    )
+    verify_codes: bool = True  # re-encode the database on the step's device and check the stored codes
     verify_max_mismatch: float = 0.001  # the largest share of database items whose re-encoded code may differ
 
 

@@ -388,7 +388,8 @@ def split_report(
     packed codes of every item (`ev`: the evaluate params; `data`: a dseh.data.PreparedData).
 
     device: None computes on CUDA when present (dseh.evaluation_torch) and on the CPU otherwise
-    (retrieval_report, compiled where numba loads, on cpu_threads()); 'numpy' forces its numpy path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
+    (retrieval_report, compiled where numba loads, on cpu_threads()); 'numpy' forces its numpy
+    path; 'cpu', 'cuda', 'cuda:1' or a torch.device force that torch device."""
     from dseh import evaluation_torch
 
     args = (

@@ -25,16 +25,15 @@ def check_report_inputs(q_packed, db_packed, q_labels, db_labels, bits: int) -> 
     padding bit set, so no distance exceeds bits), one (N, classes) label row per code and one label
     width on both sides; a ValueError naming the mismatch otherwise."""
     width = packed_width(bits)
-    for name, codes in (("query", q_packed), ("database", db_packed)):
+    for name, codes, labels in (("query", q_packed, q_labels), ("database", db_packed, db_labels)):
         if codes.ndim != 2 or codes.shape[1] != width:
             raise ValueError(
                 f"{name} codes: expected packed rows of {width} bytes for {bits} bits, got shape {codes.shape}"
             )
-        if bits % 8 and len(codes) and (codes[:, -1] & ((1 << (8 - bits % 8)) - 1)).any():
-            raise ValueError(f"{name} codes: bits beyond the {bits} code bits are set (not packed by dseh.codes.pack)")
-    for name, codes, labels in (("query", q_packed, q_labels), ("database", db_packed, db_labels)):
         if len(codes) == 0:
             raise ValueError(f"no {name} codes: a report needs at least one query and one database item")
+        if bits % 8 and (codes[:, -1] & ((1 << (8 - bits % 8)) - 1)).any():
+            raise ValueError(f"{name} codes: bits beyond the {bits} code bits are set (not packed by dseh.codes.pack)")
         if np.ndim(labels) != 2 or len(labels) != len(codes):
             raise ValueError(f"{name} labels: expected {len(codes)} rows (one per code), got shape {np.shape(labels)}")
     q_cls, db_cls = np.shape(q_labels)[-1], np.shape(db_labels)[-1]

@@ -19,9 +19,8 @@ from dseh.train import device as dev
 log = logging.getLogger(__name__)
 
 
-def encode_packed(cfg: Config, data: PreparedData, imgnet_dir, items, progress: bool) -> np.ndarray:
-    """Packed codes of `items` (None: every item) by the saved image network on train.device."""
-    device = dev.resolve_device(cfg.train.device)
+def encode_packed(cfg: Config, data: PreparedData, imgnet_dir, items, progress: bool, device) -> np.ndarray:
+    """Packed codes of `items` (None: every item) by the saved image network on `device`."""
     model = load_imgnet(imgnet_dir)[0].to(device)
     return pack(encode_images(model, data.images, items, cfg.imgnet.encode_batch_size, device, progress)[1])
 
@@ -30,7 +29,7 @@ def encode_all(cfg: Config, data: PreparedData, img, imgnet_dir, progress: bool)
     """`dseh evaluate --encode`: every item's packed codes by the saved image network."""
     if img.kind != "imgnet":
         raise DsehError(f"{imgnet_dir} holds {img.method} codes, not an image network: --encode needs one")
-    return encode_packed(cfg, data, imgnet_dir, None, progress)
+    return encode_packed(cfg, data, imgnet_dir, None, progress, dev.resolve_device(cfg.train.device))
 
 
 def verify(cfg: Config, data: PreparedData, img, imgnet_dir, codes: np.ndarray, progress: bool) -> dict:
@@ -42,10 +41,10 @@ def verify(cfg: Config, data: PreparedData, img, imgnet_dir, codes: np.ndarray, 
     ev = cfg.evaluate
     if not ev.verify_codes or img.kind != "imgnet":
         return {}
-    fresh = encode_packed(cfg, data, imgnet_dir, data.database, progress)
+    device = dev.resolve_device(cfg.train.device)
+    fresh = encode_packed(cfg, data, imgnet_dir, data.database, progress, device)
     mismatched = int((fresh != codes[data.database]).any(axis=1).sum())
     share = mismatched / max(1, len(data.database))
-    device = str(dev.resolve_device(cfg.train.device))
     log.info("re-encoded %d database items on %s: %d codes differ from the stored ones", len(fresh), device, mismatched)
     if share > ev.verify_max_mismatch:
         raise DsehError(
@@ -53,4 +52,4 @@ def verify(cfg: Config, data: PreparedData, img, imgnet_dir, codes: np.ndarray, 
             f"network's codes re-encoded on {device}, more than evaluate.verify_max_mismatch="
             f"{ev.verify_max_mismatch}: the codes file does not come from this model (retrain, or rerun `dvc repro`)"
         )
-    return {"codes_verified": {"device": device, "items": int(len(fresh)), "mismatched": mismatched}}
+    return {"codes_verified": {"device": str(device), "items": int(len(fresh)), "mismatched": mismatched}}
