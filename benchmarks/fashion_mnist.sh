@@ -3,17 +3,17 @@
 # timed whole: LabNet (DSEH only), the image network, encoding all 70,000 images and the evaluation.
 # Prints a Markdown table (method, settings, wall seconds, mAP@ALL, mAP@1000, distinct database codes,
 # collapsed). Extra arguments are -S overrides applied to every run. Outputs under outputs-fashion/.
-#   bash benchmarks/fashion_mnist.sh                 # the settings of docs/results.md#fashion-mnist
+#   bash benchmarks/fashion_mnist.sh                 # the settings of docs/results.md#fashion-mnist-real-images
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSEH=${DSEH:-.venv/bin/dseh}
 SOURCE=${FASHION_SOURCE:-fashion-mnist}
 ROOT=${FASHION_ROOT:-outputs-fashion}/$SOURCE
 COMMON=(-S "data.source=$SOURCE" -S tracking.enabled=false)
-# each method's settings within the same budget, at most 5 minutes a run on 2 cores
-# (docs/results.md#fashion-mnist): DSEH's release recipe, 20 epochs; DPSH its own plain SGD at 4x its
-# code's learning rate for 35 epochs, then 10 epochs at a tenth of it; HashNet with DSEH's optimiser,
-# 20 epochs. Extra -S arguments come last and override these.
+# each method's settings within the same budget, at most 5 minutes a run on 2 cores (docs/results.md):
+# DSEH's release recipe, 20 epochs; DPSH its own plain SGD at 4x its code's learning rate for 35
+# epochs, then 10 epochs at a tenth of it; HashNet with DSEH's optimiser, 20 epochs. Extra -S
+# arguments come last and override these.
 declare -A RUNS=(
   [dseh]="-S method=dseh -S imgnet.epochs=[20]"
   [dpsh]="-S method=dpsh -S dpsh.lr_exp=0.7 -S imgnet.epochs=[45] -S dpsh.step_exp=1.0 -S train.step_epochs=35"
