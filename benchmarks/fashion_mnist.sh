@@ -6,10 +6,19 @@
 #   bash benchmarks/fashion_mnist.sh                 # the settings of docs/results.md#fashion-mnist-real-images
 set -euo pipefail
 (( BASH_VERSINFO[0] >= 5 )) || { echo "fashion_mnist.sh needs bash 5 or later (EPOCHREALTIME)" >&2; exit 1; }
+if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  echo "Environment: FASHION_SOURCE (fashion-mnist | fashion-mosaic), FASHION_ROOT (outputs-fashion), DSEH, PYTHON."
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 DSEH=${DSEH:-.venv/bin/dseh}
 PY=${PYTHON:-.venv/bin/python}
 SOURCE=${FASHION_SOURCE:-fashion-mnist}
+case $SOURCE in
+  fashion-mnist | fashion-mosaic) ;;
+  *) echo "fashion_mnist.sh: FASHION_SOURCE must be fashion-mnist or fashion-mosaic, got '$SOURCE'" >&2; exit 2 ;;
+esac
 ROOT=${FASHION_ROOT:-outputs-fashion}/$SOURCE
 COMMON=(-S "data.source=$SOURCE" -S tracking.enabled=false)
 # each method's settings within the same budget, at most 5 minutes a run on 2 cores (docs/results.md),

@@ -1,4 +1,4 @@
-"""What the image network's backbone supports on a single-label prepared dataset without hashing:
+r"""What the image network's backbone supports on a single-label prepared dataset without hashing:
 the backbone trained as a plain classifier (cross-entropy, the same training split, image size, flips
 and epochs). Prints its accuracy on the query and database splits, the mAP@ALL of ranking the database
 by the real-valued class probabilities (inner product of the softmax vectors, no codes), and that of
@@ -6,7 +6,7 @@ hashing every item to its predicted class's code (one code per class: the hard a
 single-label hash can at best learn, ties by index as ever). The runs behind
 docs/results.md#fashion-mnist-real-images:
 
-    .venv/bin/dseh prepare -S data.source=fashion-mnist --out outputs-fashion/fashion-mnist/data
+    .venv/bin/dseh prepare -S data.source=fashion-mnist -S tracking.enabled=false --out outputs-fashion/fashion-mnist/data
     .venv/bin/python benchmarks/probe_classifier.py outputs-fashion/fashion-mnist/data --epochs 20 --threads 1
 
 About 3 minutes on 2 cores for 20 epochs of 5,000 images and the 70,000-image encode. A better-trained
@@ -53,9 +53,11 @@ def map_by_scores(p_q: np.ndarray, p_db: np.ndarray, y_q: np.ndarray, y_db: np.n
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="probe_classifier.py"
+    )
     ap.add_argument("data", help="a prepared single-label dataset (dseh prepare --out ...)")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     ap.add_argument("--lr", type=float, default=10**-3.5, help="Adam's learning rate (DSEH's: 10^-3.5)")
     ap.add_argument(
         "--schedule",
@@ -63,8 +65,8 @@ def main() -> None:
         default="constant",
         help="constant: --lr throughout; onecycle: --lr is the peak of a one-cycle schedule (warm-up, cosine decay)",
     )
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    ap.add_argument("--seed", type=int, default=0, help="torch and sampling seed (default 0)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads > 0:
@@ -120,4 +122,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DsehError as exc:
+        raise SystemExit(f"probe_classifier.py: error: {exc}") from None

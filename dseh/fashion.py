@@ -21,10 +21,7 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-INSTALL = (
-    "install Debian's package (apt-get install dataset-fashion-mnist) or point data.fashion_dir at a "
-    "folder holding the four idx files " + ", ".join(f"{n}.gz" for pair in FILES.values() for n in pair)
-)
+INSTALL = "install Debian's package (apt-get install dataset-fashion-mnist) or point data.fashion_dir at a folder"
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -37,8 +34,12 @@ def load_fashion(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     found = {name: _find(root, name) for pair in FILES.values() for name in pair}
     missing = [name for name, path in found.items() if path is None]
     if missing:
-        what = "does not exist" if not root.is_dir() else f"lacks {', '.join(missing)} (.gz or plain)"
-        raise DsehError(f"params key 'data.fashion_dir': Fashion-MNIST folder {root} {what}; {INSTALL}")
+        if not root.is_dir():
+            names = ", ".join(found)
+            what = f"does not exist; {INSTALL} holding Fashion-MNIST's four idx files ({names}, each .gz or plain)"
+        else:
+            what = f"lacks {', '.join(missing)} (.gz or plain); {INSTALL} holding all four idx files"
+        raise DsehError(f"params key 'data.fashion_dir': Fashion-MNIST folder {root} {what}")
     parts = {}
     for split, (images, labels) in FILES.items():
         x, y = read_images_labels(found[images], found[labels])
