@@ -19,6 +19,7 @@ classifier (a one-cycle schedule, more epochs) tells whether the ceiling is the 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -124,5 +125,6 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except DsehError as exc:
-        raise SystemExit(f"probe_classifier.py: error: {exc}") from None
+    except DsehError as exc:  # one line, as the dseh command prints it
+        print(f"probe_classifier.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -4,7 +4,7 @@ the mAP@ALL of the query split ranked against the training items, the distinct c
 bits over the training items, and the scale of u (mean |u|) against its spread across items (mean
 per-bit standard deviation). The runs behind docs/results.md#dpsh-collapse-diagnosis:
 
-    .venv/bin/dseh prepare -S data.source=fashion-mnist --out outputs-fashion/fashion-mnist/data
+    .venv/bin/dseh prepare -S data.source=fashion-mnist -S tracking.enabled=false --out outputs-fashion/fashion-mnist/data
     .venv/bin/python benchmarks/probe_recipe.py outputs-fashion/fashion-mnist/data -S method=dpsh
     .venv/bin/python benchmarks/probe_recipe.py outputs-fashion/fashion-mnist/data -S method=dpsh -S dpsh.init=release
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -50,7 +51,9 @@ def code_state(model, data: PreparedData, bits: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="probe_recipe.py"
+    )
     ap.add_argument("data", help="a prepared dataset (dseh prepare --out ...)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
     ap.add_argument("--params", default="params.yaml")
@@ -86,4 +89,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DsehError as exc:  # one line, as the dseh command prints it
+        print(f"probe_recipe.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
